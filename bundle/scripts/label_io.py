@@ -1,0 +1,55 @@
+"""Read and write single-channel label maps (PNG or NIfTI) in viewer orientation, atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from scripts.radiograph_io import RadiographError
+
+
+def read_label_map(path: str) -> np.ndarray:
+    """Label map as a (rows, columns) uint8 array; NIfTI voxel (i, j) is column i, row j."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise RadiographError(path, "label file not found")
+    try:
+        if path.lower().endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            labels = np.squeeze(np.asarray(nibabel.load(path).dataobj)).T
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                labels = np.asarray(image.convert("L") if image.mode in ("RGB", "RGBA", "P") else image)
+    except Exception as error:
+        raise RadiographError(path, f"cannot read label map ({type(error).__name__}: {error})") from error
+    if labels.ndim != 2:
+        raise RadiographError(path, f"expected a 2D label map, got shape {tuple(labels.shape)}")
+    return np.rint(labels).astype(np.uint8)
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(temporary_path)`` then rename to ``path``, so a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else os.path.splitext(path)[1]
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """Write a (rows, columns) or (rows, columns, 3) uint8 array as PNG, atomically."""
+    from PIL import Image
+
+    atomic_write(path, lambda temporary: Image.fromarray(np.ascontiguousarray(array)).save(temporary, format="PNG"))

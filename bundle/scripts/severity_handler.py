@@ -1,0 +1,174 @@
+"""Ignite handler that turns each predicted class map into masks, an overlay and a row of severity figures.
+
+Attached to the inference evaluator (and reusable by the evaluate workflow), it writes for every input file
+``<output_dir>/<stem>/<stem>_lung.png``, ``_opacity.png`` and ``_overlay.png`` (same width and height as the input)
+and, at the end, ``severity.csv`` (one row per input file, in input order) and ``severity.json`` (the same rows
+plus the run's settings). Every file is written under a temporary name and renamed, so a reader never sees half a
+file; files of inputs not processed by this run are never touched. Rows stream to disk while the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+
+import numpy as np
+from monai.utils import min_version, optional_import
+
+from scripts.label_io import atomic_write, write_png
+from scripts.labels import BACKGROUND, OPACITY
+from scripts.overlay import draw_overlay
+from scripts.radiograph_io import file_stem
+from scripts.severity import NoLungFoundError, compute_severity
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+CSV_COLUMNS = [
+    "image",
+    "status",
+    "message",
+    "lung_area_px",
+    "opacity_area_px",
+    "opacity_pct",
+    "right_opacity_pct",
+    "left_opacity_pct",
+    "geographic_extent",
+    "opacity_score",
+    "lung_area_cm2",
+    "opacity_area_cm2",
+    "right_extent",
+    "left_extent",
+    "right_opacity_degree",
+    "left_opacity_degree",
+    "right_lung_area_px",
+    "left_lung_area_px",
+    "rows",
+    "columns",
+    "pixel_spacing_mm",
+]
+
+
+class SeverityWriter:
+    """Write masks, overlays and the severity table of every image an evaluator processes.
+
+    Args:
+        output_dir: folder for the per-image folders, ``severity.csv`` and ``severity.json``.
+        settings: run settings recorded in ``severity.json`` (model version, device, ...).
+        write_images: write the mask and overlay PNGs (the evaluate workflow only needs the table).
+        min_lung_fraction: a prediction whose lung field covers less of the image is reported as "no lung found".
+        fail_if_none_ok: raise at the end when no input could be processed, so the command exits non-zero.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        settings: dict | None = None,
+        write_images: bool = True,
+        min_lung_fraction: float = 0.02,
+        fail_if_none_ok: bool = True,
+        pred_key: str = "pred",
+        image_key: str = "image",
+        display_key: str = "display",
+    ):
+        self.output_dir = output_dir
+        self.settings = dict(settings or {})
+        self.write_images = write_images
+        self.min_lung_fraction = min_lung_fraction
+        self.fail_if_none_ok = fail_if_none_ok
+        self.pred_key, self.image_key, self.display_key = pred_key, image_key, display_key
+        self.logger = logging.getLogger(self.__class__.__name__)
+        self.rows: list[dict] = []
+        self._csv_handle = None
+        self._csv_writer = None
+        self._partial_csv = os.path.join(output_dir, ".severity.csv.partial")
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def start(self, engine=None) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.rows = []
+        self._csv_handle = open(self._partial_csv, "w", newline="", encoding="utf-8")
+        self._csv_writer = csv.DictWriter(self._csv_handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        self._csv_writer.writeheader()
+
+    def iteration_completed(self, engine) -> None:
+        for batch_item, output_item in zip(engine.state.batch, engine.state.output):
+            self.add(output_item[self.image_key], output_item[self.pred_key], batch_item.get(self.display_key))
+
+    def add(self, image, class_map, display=None) -> dict:
+        """Score one image from its network input (for the meta data) and its full-size class map."""
+        meta = image.meta
+        path = str(meta["filename_or_obj"])
+        row = {"image": os.path.basename(path), "status": "error", "message": str(meta.get("error", "") or "")}
+        if not row["message"]:
+            try:
+                row.update(self._score(path, meta, class_map, display))
+                row.update(status="ok", message="")
+            except (NoLungFoundError, OSError, ValueError) as error:
+                row["message"] = f"{path}: {error}"
+        if row["status"] == "error":
+            self.logger.warning(row["message"])
+        self.rows.append(row)
+        self._csv_writer.writerow({key: _csv_value(row.get(key)) for key in CSV_COLUMNS})
+        self._csv_handle.flush()
+        return row
+
+    def _score(self, path: str, meta, class_map, display) -> dict:
+        classes = np.asarray(class_map).reshape(np.asarray(class_map).shape[-2:]).astype(np.uint8)
+        rows, columns = classes.shape
+        lung = classes != BACKGROUND
+        opacity = classes == OPACITY
+        if lung.mean() < self.min_lung_fraction:
+            raise NoLungFoundError(
+                f"no lung field found (predicted lung covers {100 * lung.mean():.2f} % of the image); "
+                "is it a frontal chest radiograph?"
+            )
+        grey = None if display is None else np.asarray(display)[0, :rows, :columns]
+        spacing = tuple(float(value) for value in meta.get("spacing_mm", (math.nan, math.nan)))
+        spacing = spacing if all(math.isfinite(value) and value > 0 for value in spacing) else None
+        figures = compute_severity(lung, opacity, image=grey, spacing_mm=spacing)
+        figures.update(rows=rows, columns=columns, pixel_spacing_mm="" if spacing is None else f"{spacing[0]}x{spacing[1]}")
+        if self.write_images:
+            self._write_images(path, lung, opacity, grey, figures)
+        return figures
+
+    def _write_images(self, path: str, lung, opacity, grey, figures: dict) -> None:
+        stem = file_stem(path)
+        if any(file_stem(row["image"]) == stem and row["status"] == "ok" for row in self.rows):
+            raise ValueError(f"another input of this run already wrote outputs for the name {stem!r}")
+        folder = os.path.join(self.output_dir, stem)
+        write_png(os.path.join(folder, f"{stem}_lung.png"), lung.astype(np.uint8) * 255)
+        write_png(os.path.join(folder, f"{stem}_opacity.png"), opacity.astype(np.uint8) * 255)
+        if grey is not None:
+            caption = (
+                f"opacity {figures['opacity_pct']:.1f}% of lung  "
+                f"(R {figures['right_opacity_pct']:.1f}%  L {figures['left_opacity_pct']:.1f}%)"
+            )
+            write_png(os.path.join(folder, f"{stem}_overlay.png"), draw_overlay(grey, lung, opacity, caption))
+
+    def completed(self, engine=None) -> None:
+        self._csv_handle.close()
+        os.replace(self._partial_csv, os.path.join(self.output_dir, "severity.csv"))
+        summary = {"settings": self.settings, "images": self.rows}
+        atomic_write(os.path.join(self.output_dir, "severity.json"), lambda path: _dump_json(path, summary))
+        succeeded = sum(row["status"] == "ok" for row in self.rows)
+        self.logger.info(
+            f"severity of {succeeded} of {len(self.rows)} files written to {os.path.join(self.output_dir, 'severity.csv')}"
+        )
+        if self.fail_if_none_ok and succeeded == 0:
+            raise RuntimeError(f"none of the {len(self.rows)} input files could be processed; see the messages above")
+
+
+def _csv_value(value):
+    return "" if value is None else value
+
+
+def _dump_json(path: str, content) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1)

@@ -1,0 +1,111 @@
+"""Synthesise lung opacities (faint ground glass to dense consolidation) inside the lung fields of a training image.
+
+Only 10 radiographs carry opacity annotations, while 280 carry lung masks. This transform paints a smooth, textured
+density increase into the lungs of a normalised image (values about 0-1, higher = denser) and marks it as opacity in
+the label map. The painted region follows the lung outline (it never leaves the lung field), prefers the periphery
+and the lower zones as COVID-19 pneumonia does, and covers a random fraction of one or both lungs. The rest of the
+lung keeps its label: clear lung stays clear, unannotated lung stays unannotated (it may hold real opacity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform
+from scipy import ndimage
+
+from scripts.labels import BACKGROUND, OPACITY
+
+
+class RandSyntheticOpacityd(RandomizableTransform, MapTransform):
+    """Paint a random opacity into the lungs of ``image_key`` and label it in ``label_key``.
+
+    Args:
+        keys: ``[image_key, label_key]``.
+        prob: probability of painting an opacity.
+        extent_range: fraction of the chosen lung(s) covered.
+        density_range: blend weight towards dense-tissue brightness (0.35 faint ground glass ... 0.9 consolidation).
+        min_lung_pixels: images with a smaller lung field are left alone.
+    """
+
+    MIN_CONTRAST = 0.25  # the dense level lies at least this far above the median lung intensity
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        extent_range: tuple[float, float] = (0.05, 0.9),
+        density_range: tuple[float, float] = (0.35, 0.9),
+        min_lung_pixels: int = 500,
+    ):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key = self.keys
+        self.extent_range = extent_range
+        self.density_range = density_range
+        self.min_lung_pixels = min_lung_pixels
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image, label = d[self.image_key], d[self.label_key]
+        lung = label[0].cpu().numpy() != BACKGROUND
+        if lung.sum() < self.min_lung_pixels:
+            return d
+        painted, region = self.paint(image[0].cpu().numpy().astype(np.float32), lung)
+        new_image = image.clone()
+        new_image[0] = torch.as_tensor(painted, dtype=image.dtype)
+        new_label = label.clone()
+        new_label[0][torch.as_tensor(region)] = OPACITY
+        d[self.image_key], d[self.label_key] = new_image, new_label
+        return d
+
+    def paint(self, image: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the painted image and the boolean opacity region (inside ``lung``)."""
+        rng = self.R
+        rows, cols = lung.shape
+        chosen = self._chosen_lungs(lung)
+        field = self._smooth_noise((rows, cols), cells=rng.randint(3, 9))
+        row_position = np.linspace(0.0, 1.0, rows, dtype=np.float32)[:, None]
+        distance_to_border = ndimage.distance_transform_edt(chosen)
+        periphery = 1.0 - distance_to_border / max(float(distance_to_border.max()), 1.0)
+        field = field + rng.uniform(0.0, 0.8) * row_position + rng.uniform(0.0, 0.8) * periphery
+        extent = rng.uniform(*self.extent_range)
+        region = chosen & (field >= np.quantile(field[chosen], 1.0 - extent))
+        blur = rng.uniform(0.005, 0.03) * rows
+        weight = ndimage.gaussian_filter(region.astype(np.float32), sigma=blur) * lung
+        region = (weight > 0.5) & chosen
+        texture = 1.0 + rng.uniform(0.03, 0.12) * self._smooth_noise((rows, cols), cells=rng.randint(12, 30))
+        lung_level = float(np.median(image[lung]))
+        dense_level = max(float(np.quantile(image, 0.9)), min(lung_level + self.MIN_CONTRAST, 1.0))
+        density = rng.uniform(*self.density_range)
+        blend = np.clip(density * weight * texture, 0.0, 1.0)
+        painted = image * (1.0 - blend) + dense_level * blend
+        return painted.astype(np.float32), region
+
+    def _chosen_lungs(self, lung: np.ndarray) -> np.ndarray:
+        """Both lungs, or the half of the lung field on one side of the centre of mass."""
+        choice = self.R.randint(3)  # 0 both, 1 image-left half, 2 image-right half
+        if choice == 0:
+            return lung
+        centre = int(round(ndimage.center_of_mass(lung)[1]))
+        side = np.zeros_like(lung)
+        if choice == 1:
+            side[:, :centre] = True
+        else:
+            side[:, centre:] = True
+        chosen = lung & side
+        return chosen if chosen.sum() > 0 else lung
+
+    def _smooth_noise(self, shape: tuple[int, int], cells: int) -> np.ndarray:
+        """Zero-mean, unit-variance noise that varies smoothly over about ``cells`` cells per side."""
+        coarse = self.R.standard_normal((cells + 2, cells + 2)).astype(np.float32)
+        zoom = (shape[0] / cells, shape[1] / cells)
+        fine = ndimage.zoom(coarse, zoom, order=3)
+        offset = (int(zoom[0]), int(zoom[1]))
+        fine = fine[offset[0] : offset[0] + shape[0], offset[1] : offset[1] + shape[1]]
+        fine = np.pad(fine, ((0, shape[0] - fine.shape[0]), (0, shape[1] - fine.shape[1])), mode="edge")
+        return (fine - fine.mean()) / (fine.std() + 1e-6)

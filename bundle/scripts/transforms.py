@@ -1,0 +1,133 @@
+"""MONAI dictionary transforms that load radiographs and label maps and shape them for the network and metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.label_io import read_label_map
+from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
+from scripts.radiograph_io import RadiographError, read_radiograph
+
+PLACEHOLDER_SHAPE = (32, 32)  # stands in for a file that could not be read
+
+
+class LoadRadiographd(MapTransform):
+    """Load each key's file as a (1, rows, columns) float32 MetaTensor in viewer orientation.
+
+    The meta data holds the file name, the original size (rows, columns), the pixel spacing in mm (row, column;
+    NaN when the file does not say, so that batches of mixed files still collate) and ``error``: empty, or, with
+    ``record_errors``, why the file could not be read (the image is then a small blank placeholder, so that one bad
+    file does not stop a batch).
+    """
+
+    def __init__(self, keys: KeysCollection, record_errors: bool = False, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.record_errors = record_errors
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            if isinstance(source, torch.Tensor):  # already loaded (e.g. by a server that reads the image itself)
+                continue
+            try:
+                radiograph = read_radiograph(source)
+            except RadiographError as error:
+                if not self.record_errors:
+                    raise
+                d[key] = MetaTensor(torch.zeros(1, *PLACEHOLDER_SHAPE), meta=_meta(str(source), PLACEHOLDER_SHAPE))
+                d[key].meta["error"] = str(error)
+                continue
+            meta = _meta(radiograph.path, radiograph.pixels.shape, radiograph.spacing_mm, radiograph.source_format)
+            d[key] = MetaTensor(torch.from_numpy(radiograph.pixels[None]), meta=meta)
+        return d
+
+
+def _meta(path: str, shape, spacing_mm=None, source_format: str = "") -> dict:
+    nan = float("nan")
+    return {
+        "filename_or_obj": path,
+        "original_shape": tuple(int(size) for size in shape),
+        "spacing_mm": tuple(spacing_mm) if spacing_mm else (nan, nan),
+        "source_format": source_format,
+        "error": "",
+    }
+
+
+class DisplayImaged(MapTransform):
+    """Copy ``key`` (full resolution) to ``display_key`` as uint8, scaled by its 0.5-99.5 intensity percentiles.
+
+    The display copy feeds the overlay and the opacity-density estimate; percentiles come from a strided sample of
+    about 256x256 pixels, so the cost stays small on large radiographs.
+    """
+
+    def __init__(self, keys: KeysCollection, display_key: str = "display", lower: float = 0.5, upper: float = 99.5):
+        super().__init__(keys)
+        self.display_key, self.lower, self.upper = display_key, lower, upper
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pixels = d[key][0]
+            stride = max(1, max(pixels.shape) // 256)
+            low, high = torch.quantile(pixels[::stride, ::stride].float().flatten(), torch.tensor([self.lower, self.upper]) / 100)
+            scaled = ((pixels - low) / torch.clamp(high - low, min=1e-6)).clamp(0, 1)
+            d[self.display_key] = torch.round(scaled * 255).to(torch.uint8)[None]
+        return d
+
+
+class ResizeToOriginald(MapTransform):
+    """Resize network-size probabilities in ``keys`` back to the original (rows, columns) of ``reference_key``."""
+
+    def __init__(self, keys: KeysCollection, reference_key: str = "image", mode: str = "bilinear"):
+        super().__init__(keys)
+        self.reference_key, self.mode = reference_key, mode
+
+    def __call__(self, data):
+        d = dict(data)
+        rows, columns = (int(size) for size in d[self.reference_key].meta["original_shape"])
+        for key in self.key_iterator(d):
+            resized = F.interpolate(torch.as_tensor(d[key])[None].float(), size=(rows, columns), mode=self.mode)
+            d[key] = resized[0]
+        return d
+
+
+class LoadLabelMapd(MapTransform):
+    """Load each key's label map as a (1, rows, columns) float32 MetaTensor with the bundle's label values."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            labels = read_label_map(d[key])
+            meta = {"filename_or_obj": str(d[key]), "original_shape": tuple(labels.shape)}
+            d[key] = MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), meta=meta)
+        return d
+
+
+class LungOpacityMasksd(MapTransform):
+    """Turn a predicted class map and a label map into binary lung and opacity masks for the metrics.
+
+    Writes ``<key>_lung`` and ``<key>_opacity`` (1, H, W) tensors. Lung without opacity annotation (label 3) gives
+    an empty opacity mask, which MONAI's Dice ignores (``ignore_empty``), so it never counts as "no opacity".
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            classes = d[key]
+            d[f"{key}_lung"] = (classes != BACKGROUND).float()
+            d[f"{key}_opacity"] = (classes == OPACITY).float()
+            if bool((classes == LUNG_UNANNOTATED).any()):
+                d[f"{key}_opacity"] = torch.zeros_like(d[f"{key}_opacity"])
+        return d

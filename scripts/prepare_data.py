@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Prepare chest X-rays and their annotations for training: label maps plus a MONAI datalist JSON.
+
+Inputs (any combination):
+  --images DIR        radiographs (DICOM, PNG, JPEG, NIfTI); a mask or LabelMe file is matched by file stem
+  --masks DIR         lung-field masks (<stem>.png/.nii.gz, lung > 0): lung only, opacity not annotated
+  --extra-masks DIR   lower-trust lung masks, used for training only and only where --masks has none
+  --labelme DIR       LabelMe JSON files with right_lung / left_lung / opacity polygons (override masks)
+  --metadata CSV      table with the image file name and patient id (default columns: filename, patientid)
+
+Writes into --output: labels/<stem>.png (0 background, 1 clear lung, 2 opacity, 3 lung without opacity
+annotation), images/ for LabelMe-embedded images, datalist.json (training / validation split by patient with
+--seed) and preparation_report.json. Input files are only read. Bad files are reported by name and skipped.
+
+Example:
+  python scripts/prepare_data.py --images ../shared/data/cohen-cxr/images \
+      --masks ../shared/data/cohen-cxr/lung_masks --extra-masks ../shared/data/cohen-cxr/lung_masks_lungvae \
+      --labelme ../shared/data/opacity-labelme --metadata ../shared/data/cohen-cxr/metadata.csv --output data/cxr
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
+
+from scripts.label_io import atomic_write, read_label_map, write_png  # noqa: E402
+from scripts.labelme import read_labelme  # noqa: E402
+from scripts.labels import BACKGROUND, LUNG_UNANNOTATED  # noqa: E402
+from scripts.radiograph_io import (  # noqa: E402
+    SUPPORTED_EXTENSIONS,
+    RadiographError,
+    detect_format,
+    file_stem,
+    read_radiograph,
+)
+
+MASK_EXTENSIONS = (".png", ".nii.gz", ".nii")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", help="folder of radiographs")
+    parser.add_argument("--masks", help="folder of lung-field masks named like the images")
+    parser.add_argument("--extra-masks", help="folder of lower-trust lung masks (training only)")
+    parser.add_argument("--labelme", help="folder of LabelMe JSON annotations")
+    parser.add_argument("--metadata", help="CSV with image file names and patient ids")
+    parser.add_argument("--filename-column", default="filename")
+    parser.add_argument("--patient-column", default="patientid")
+    parser.add_argument("--output", required=True, help="folder for label maps and datalist.json")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="fraction of patients held out")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    parser.add_argument("--opacity-folds", type=int, default=2, help="folds over the LabelMe-annotated patients")
+    parser.add_argument(
+        "--holdout-opacity-fold",
+        type=int,
+        default=-1,
+        help="put this fold of LabelMe-annotated patients in validation (-1: all of them train)",
+    )
+    return parser.parse_args(argv)
+
+
+def list_images(folder: str | None) -> dict[str, str]:
+    """Map stem -> path for every radiograph in ``folder`` (DICOM without extension included)."""
+    if not folder:
+        return {}
+    images = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and (name.lower().endswith(SUPPORTED_EXTENSIONS) or detect_format(path) == "dicom"):
+            images[file_stem(name)] = path
+    return images
+
+
+def list_masks(folder: str | None) -> dict[str, str]:
+    if not folder:
+        return {}
+    return {
+        file_stem(name): os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if name.lower().endswith(MASK_EXTENSIONS)
+    }
+
+
+def read_patient_ids(csv_path: str | None, filename_column: str, patient_column: str) -> dict[str, str]:
+    """Map image stem -> patient id from the metadata table."""
+    if not csv_path:
+        return {}
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {file_stem(row[filename_column]): str(row[patient_column]) for row in rows if row.get(filename_column)}
+
+
+def lung_mask_label_map(mask_path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Lung-only label map: lung pixels get 3 (opacity not annotated)."""
+    mask = read_label_map(mask_path)
+    if mask.shape != shape:
+        raise RadiographError(mask_path, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+    labels = np.full(shape, BACKGROUND, dtype=np.uint8)
+    labels[mask > 0] = LUNG_UNANNOTATED
+    if not (labels > 0).any():
+        raise RadiographError(mask_path, "mask holds no lung pixel")
+    return labels
+
+
+def save_embedded_image(annotation, output: str, stem: str) -> str:
+    """Write a LabelMe-embedded image (its original bytes) under ``output/images`` and return the path."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(annotation.embedded_image)) as image:
+        extension = ".jpg" if image.format == "JPEG" else ".png"
+    path = os.path.join(output, "images", stem + extension)
+
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(annotation.embedded_image)
+
+    atomic_write(path, write)
+    return path
+
+
+def collect_samples(args, report: dict) -> list[dict]:
+    """One sample per image that has a usable label; problems go to ``report['skipped']``."""
+    images = list_images(args.images)
+    masks, extra_masks = list_masks(args.masks), list_masks(args.extra_masks)
+    samples: dict[str, dict] = {}
+
+    for json_name in sorted(os.listdir(args.labelme)) if args.labelme else []:
+        if not json_name.lower().endswith(".json"):
+            continue
+        json_path = os.path.join(args.labelme, json_name)
+        try:
+            annotation = read_labelme(json_path)
+            stem = file_stem(annotation.image_path) if annotation.image_path else file_stem(json_name)
+            image_path = annotation.image_path or images.get(stem)
+            if image_path is None:
+                image_path = save_embedded_image(annotation, args.output, stem)
+            shape = read_radiograph(image_path).pixels.shape
+            if shape != annotation.lung.shape:
+                raise RadiographError(json_path, f"annotated size {annotation.lung.shape} differs from image {shape}")
+            samples[stem] = {"image": image_path, "labels": annotation.label_map(), "source": "labelme"}
+        except RadiographError as error:
+            report["skipped"].append({"file": error.path, "reason": error.problem})
+
+    for stem, image_path in images.items():
+        if stem in samples:
+            continue
+        mask_path, source = (masks[stem], "mask") if stem in masks else (extra_masks.get(stem), "extra_mask")
+        if mask_path is None:
+            report["unlabelled"].append(image_path)
+            continue
+        try:
+            shape = read_radiograph(image_path).pixels.shape
+            samples[stem] = {"image": image_path, "labels": lung_mask_label_map(mask_path, shape), "source": source}
+        except RadiographError as error:
+            report["skipped"].append({"file": error.path, "reason": error.problem})
+    return [dict(stem=stem, **sample) for stem, sample in samples.items()]
+
+
+def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]:
+    """Held-out patients go to validation; LabelMe patients are split by opacity fold, extra masks always train."""
+    rng = random.Random(args.seed)
+    labelme_patients = sorted({s["patient_id"] for s in samples if s["source"] == "labelme"})
+    rng.shuffle(labelme_patients)
+    holdout = {p for i, p in enumerate(labelme_patients) if i % max(args.opacity_folds, 1) == args.holdout_opacity_fold}
+    other_patients = sorted({s["patient_id"] for s in samples} - set(labelme_patients))
+    rng.shuffle(other_patients)
+    validation_patients = set(other_patients[: int(round(args.val_fraction * len(other_patients)))]) | holdout
+    training, validation = [], []
+    for sample in samples:
+        held_out = sample["patient_id"] in validation_patients and sample["source"] != "extra_mask"
+        (validation if held_out else training).append(sample)
+    return training, validation
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not (args.images or args.labelme):
+        print("error: give --images and/or --labelme", file=sys.stderr)
+        return 2
+    output = os.path.abspath(args.output)
+    for given in (args.images, args.masks, args.extra_masks, args.labelme):
+        if given and os.path.abspath(given) == output:
+            print(f"error: --output {output} is an input folder; choose another", file=sys.stderr)
+            return 2
+    report = {"skipped": [], "unlabelled": []}
+    samples = collect_samples(args, report)
+    patients = read_patient_ids(args.metadata, args.filename_column, args.patient_column)
+    for sample in samples:
+        sample["patient_id"] = patients.get(sample["stem"], sample["stem"])
+        label_path = os.path.join(output, "labels", sample["stem"] + ".png")
+        write_png(label_path, sample.pop("labels"))
+        sample["label"] = os.path.relpath(label_path, output)
+        sample["image"] = os.path.abspath(sample["image"])
+    training, validation = split_by_patient(samples, args)
+    datalist = {"training": training, "validation": validation}
+    atomic_write(os.path.join(output, "datalist.json"), lambda tmp: _write_json(tmp, datalist))
+    report.update(
+        used=len(samples),
+        training=len(training),
+        validation=len(validation),
+        opacity_annotated=sum(s["source"] == "labelme" for s in samples),
+        seed=args.seed,
+    )
+    atomic_write(os.path.join(output, "preparation_report.json"), lambda tmp: _write_json(tmp, report))
+    for skipped in report["skipped"]:
+        print(f"skipped {skipped['file']}: {skipped['reason']}")
+    print(
+        f"used {len(samples)} images ({report['opacity_annotated']} with opacity annotation): "
+        f"{len(training)} training, {len(validation)} validation; skipped {len(report['skipped'])}; "
+        f"{len(report['unlabelled'])} without any label; datalist: {os.path.join(output, 'datalist.json')}"
+    )
+    return 0 if samples else 1
+
+
+def _write_json(path: str, content) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
