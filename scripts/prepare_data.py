@@ -166,7 +166,10 @@ def collect_samples(args, report: dict) -> list[dict]:
 
 
 def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]:
-    """Held-out patients go to validation; LabelMe patients are split by opacity fold, extra masks always train."""
+    """Held-out patients go to validation; LabelMe patients are split by opacity fold.
+
+    Lower-trust extra masks only ever train: those of validation patients are left out, so no patient is in both.
+    """
     rng = random.Random(args.seed)
     labelme_patients = sorted({s["patient_id"] for s in samples if s["source"] == "labelme"})
     rng.shuffle(labelme_patients)
@@ -176,8 +179,10 @@ def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]
     validation_patients = set(other_patients[: int(round(args.val_fraction * len(other_patients)))]) | holdout
     training, validation = [], []
     for sample in samples:
-        held_out = sample["patient_id"] in validation_patients and sample["source"] != "extra_mask"
-        (validation if held_out else training).append(sample)
+        if sample["patient_id"] not in validation_patients:
+            training.append(sample)
+        elif sample["source"] != "extra_mask":
+            validation.append(sample)
     return training, validation
 
 

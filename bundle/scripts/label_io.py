@@ -24,7 +24,7 @@ def read_label_map(path: str) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as image:
-                labels = np.asarray(image.convert("L") if image.mode in ("RGB", "RGBA", "P") else image)
+                labels = np.asarray(image.convert("L") if image.mode in ("RGB", "RGBA", "P", "LA") else image)
     except Exception as error:
         raise RadiographError(path, f"cannot read label map ({type(error).__name__}: {error})") from error
     if labels.ndim != 2:

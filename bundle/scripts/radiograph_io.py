@@ -169,7 +169,7 @@ def _read_nifti(path: str) -> Radiograph:
     data = np.asarray(image.dataobj)
     zooms = tuple(float(z) for z in image.header.get_zooms())
     squeezed = np.squeeze(data)
-    if squeezed.ndim == 3 and squeezed.shape[-1] in (3, 4) and data.ndim >= 3:
+    if squeezed.ndim == 3 and squeezed.shape[-1] in (3, 4) and data.ndim >= 4:  # (x, y, 1, rgb)
         squeezed = rgb_to_grey(squeezed)
     if squeezed.ndim != 2:
         raise RadiographError(path, f"NIfTI holds a {squeezed.ndim}D volume of shape {tuple(data.shape)}; expected 2D")

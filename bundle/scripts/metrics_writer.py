@@ -1,0 +1,130 @@
+"""Ignite handler of the evaluate workflow: per-image Dice, IoU and 95 % Hausdorff distance, plus severity agreement.
+
+For each image it compares the full-size predicted class map with the label map (values of :mod:`scripts.labels`)
+for the lung field and for the opacity. Opacity figures are left empty for labels whose opacity was not annotated
+(label value 3). Where the opacity is annotated, the severity figures of the label are computed too, so that the
+predicted geographic extent can be compared with the annotated one. Writes ``metrics.csv`` (one row per image) and
+``metrics_summary.json`` (mean, median and count of every figure) to ``output_dir``, atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+from monai.utils import min_version, optional_import
+
+from scripts.label_io import atomic_write
+from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
+from scripts.severity import NoLungFoundError, compute_severity
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+STRUCTURES = ("lung", "opacity")
+METRICS = ("dice", "iou", "hd95_px")
+SEVERITY_FIGURES = ("opacity_pct", "right_opacity_pct", "left_opacity_pct", "geographic_extent")
+
+
+def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict:
+    """Dice, IoU and 95th-percentile Hausdorff distance (pixels) of two boolean 2D masks; NaN where undefined."""
+    if not truth.any() and not prediction.any():
+        return {"dice": 1.0, "iou": 1.0, "hd95_px": 0.0}
+    if not truth.any() or not prediction.any():
+        return {"dice": 0.0, "iou": 0.0, "hd95_px": math.nan}
+    y_pred = torch.as_tensor(prediction[None, None], dtype=torch.float32)
+    y = torch.as_tensor(truth[None, None], dtype=torch.float32)
+    return {
+        "dice": float(compute_dice(y_pred, y)[0, 0]),
+        "iou": float(compute_iou(y_pred, y)[0, 0]),
+        "hd95_px": float(compute_hausdorff_distance(y_pred, y, percentile=95)[0, 0]),
+    }
+
+
+def image_row(name: str, predicted: np.ndarray, labels: np.ndarray) -> dict:
+    """Metrics of one image (class maps of the same shape) as a flat row."""
+    row = {"image": name}
+    annotated = not (labels == LUNG_UNANNOTATED).any()
+    pairs = {"lung": (predicted != BACKGROUND, labels != BACKGROUND), "opacity": (predicted == OPACITY, labels == OPACITY)}
+    for structure, (prediction, truth) in pairs.items():
+        values = segmentation_metrics(prediction, truth) if structure == "lung" or annotated else {}
+        row.update({f"{structure}_{metric}": values.get(metric, math.nan) for metric in METRICS})
+    for source, classes in (("pred", predicted), ("label", labels if annotated else None)):
+        figures = {}
+        if classes is not None:
+            try:
+                figures = compute_severity(classes != BACKGROUND, classes == OPACITY)
+            except NoLungFoundError:
+                figures = {}
+        row.update({f"{source}_{figure}": figures.get(figure, math.nan) for figure in SEVERITY_FIGURES})
+    row["extent_abs_error"] = abs(row["pred_geographic_extent"] - row["label_geographic_extent"])
+    return row
+
+
+class MetricsWriter:
+    """Collect :func:`image_row` for every image of an evaluator run and write the table and its summary."""
+
+    def __init__(self, output_dir: str, pred_key: str = "pred", label_key: str = "label", image_key: str = "image"):
+        self.output_dir = output_dir
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.rows: list[dict] = []
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def start(self, engine=None) -> None:
+        self.rows = []
+
+    def iteration_completed(self, engine) -> None:
+        for item in engine.state.output:
+            predicted = np.asarray(item[self.pred_key])[0].astype(np.uint8)
+            rows, columns = predicted.shape
+            labels = np.asarray(item[self.label_key])[0, :rows, :columns].astype(np.uint8)  # batches pad at the end
+            name = os.path.basename(str(item[self.image_key].meta["filename_or_obj"]))
+            self.rows.append(image_row(name, predicted, labels))
+
+    def summary(self) -> dict:
+        """Mean, median and count of every numeric column (NaN values left out)."""
+        summary = {"images": len(self.rows)}
+        for column in self.rows[0] if self.rows else []:
+            values = np.asarray([row[column] for row in self.rows if isinstance(row[column], (int, float))], float)
+            values = values[np.isfinite(values)]
+            if column != "image":
+                summary[column] = {
+                    "mean": float(values.mean()) if values.size else None,
+                    "median": float(np.median(values)) if values.size else None,
+                    "count": int(values.size),
+                }
+        return summary
+
+    def completed(self, engine=None) -> None:
+        if not self.rows:
+            raise RuntimeError("the evaluate workflow processed no image")
+        columns = list(self.rows[0])
+        atomic_write(os.path.join(self.output_dir, "metrics.csv"), lambda path: _write_csv(path, columns, self.rows))
+        summary = self.summary()
+        atomic_write(os.path.join(self.output_dir, "metrics_summary.json"), lambda path: _write_json(path, summary))
+        lung_dice = summary["lung_dice"]["mean"]
+        opacity_dice = summary["opacity_dice"]["mean"]
+        self.logger.info(f"{len(self.rows)} images: mean lung Dice {lung_dice}, mean opacity Dice {opacity_dice}")
+
+
+def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()})
+
+
+def _write_json(path: str, content) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1)

@@ -1,0 +1,76 @@
+"""Shared test set-up: the bundle's ``scripts`` package and the repository's ``scripts/`` tools on sys.path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for folder in (ROOT / "scripts", ROOT / "bundle"):  # bundle/ first: ``import scripts`` is the bundle's package
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import phantoms  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory):
+    """8 non-square PNG phantoms (4 patients) with lung masks, 2 of them with LabelMe files, and metadata.csv."""
+    return phantoms.write_dataset(
+        tmp_path_factory.mktemp("phantom_dataset"), count=8, formats=("png",), seed=0, labelme=2, rows=200, columns=240
+    )
+
+
+BUNDLE = ROOT / "bundle"
+PYTHON = sys.executable
+PHANTOM_IMAGE_SIZE = 64  # the phantom model trains and infers at 64x64 to keep the suite fast on a CPU
+
+
+def bundle_command(*arguments: str) -> list[str]:
+    """``python -m monai.bundle <arguments>`` with the bundle's metadata and logging configuration."""
+    return [
+        PYTHON, "-m", "monai.bundle", *arguments,
+        "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+        "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
+        "--bundle_root", str(BUNDLE),
+    ]  # fmt: skip
+
+
+def run_bundle(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a bundle command from the repository root as a user would, capturing its output."""
+    return subprocess.run(
+        bundle_command(*arguments), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def prepared_phantoms(tmp_path_factory):
+    """24 PNG phantoms (12 patients) prepared by scripts/prepare_data.py into label maps and datalist.json."""
+    import prepare_data
+
+    source = phantoms.write_dataset(
+        tmp_path_factory.mktemp("phantom_source"), count=24, formats=("png",), seed=7, labelme=6, rows=200, columns=240
+    )
+    output = tmp_path_factory.mktemp("phantom_prepared")
+    code = prepare_data.main(
+        ["--images", source.images, "--masks", source.masks, "--labelme", source.labelme,
+         "--metadata", source.metadata, "--output", str(output), "--val-fraction", "0.2", "--seed", "0"]
+    )  # fmt: skip
+    assert code == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def phantom_model(prepared_phantoms, tmp_path_factory):
+    """A model trained on the phantoms through the documented training command; returns its best checkpoint."""
+    output = tmp_path_factory.mktemp("phantom_training")
+    result = run_bundle(
+        "run", "training", "--config_file", str(BUNDLE / "configs" / "train.yaml"),
+        "--dataset_dir", str(prepared_phantoms), "--output_dir", str(output),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--num_epochs", "16", "--val_interval", "4",
+        "--learning_rate", "0.003", "--num_workers", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (output / "model.pt").is_file()
+    return output / "model.pt"

@@ -1,0 +1,174 @@
+"""LabelMe import and scripts/prepare_data.py on phantom datasets with known masks."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import phantoms
+import prepare_data
+from scripts.label_io import read_label_map
+from scripts.labelme import embedded_image_array, read_labelme
+
+
+def write_json(path, rows, columns, shapes, image_path="missing.png", image_data=None):
+    document = {"version": "4.5.6", "flags": {}, "imagePath": image_path, "imageData": image_data,
+                "imageHeight": rows, "imageWidth": columns,
+                "shapes": [{"label": label, "points": points, "group_id": None, "shape_type": "polygon", "flags": {}}
+                           for label, points in shapes]}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle)
+    return str(path)
+
+
+def rectangle(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+# ------------------------------------------------------------------------------------------------------ LabelMe
+
+
+def test_labelme_polygon_areas_match_masks(tmp_path):
+    phantom = phantoms.make_phantom(900, 1024, seed=5)  # large lungs: the rasterised rim is under 1 % of the area
+    json_path = str(tmp_path / "big.json")
+    phantoms.write_png(tmp_path / "big.png", phantom.image)
+    document = phantoms.write_labelme(json_path, phantom, "big.png")
+    annotation = read_labelme(json_path)
+    assert annotation.image_path == str(tmp_path / "big.png")
+    for label, mask, truth in (("right_lung", annotation.right_lung, phantom.right_lung),
+                               ("left_lung", annotation.left_lung, phantom.left_lung),
+                               ("opacity", annotation.opacity, phantom.opacity)):
+        polygons = [shape["points"] for shape in document["shapes"] if shape["label"] == label]
+        assert polygons and all(len(points) >= 3 for points in polygons)
+        if label != "opacity":
+            assert len(polygons) == 1
+            assert mask.sum() == pytest.approx(phantoms.polygon_area(polygons[0]), rel=0.01)
+        assert dice(mask, truth) > 0.98
+    assert dice(annotation.label_map() > 0, phantom.lung) > 0.995
+    assert np.argwhere(annotation.right_lung)[:, 1].mean() < np.argwhere(annotation.left_lung)[:, 1].mean()
+
+
+def test_labelme_known_polygon_area(tmp_path):
+    angles = np.linspace(0, 2 * np.pi, 120, endpoint=False)
+    circle = np.stack([150 + 120 * np.cos(angles), 140 + 110 * np.sin(angles)], axis=1).tolist()
+    phantoms.write_png(tmp_path / "circle.png", phantoms.make_phantom(300, 320, seed=1).image)
+    annotation = read_labelme(write_json(tmp_path / "circle.json", 300, 320, [("right_lung", circle)], "circle.png"))
+    assert annotation.right_lung.shape == (300, 320)
+    assert annotation.right_lung.sum() == pytest.approx(phantoms.polygon_area(circle), rel=0.01)
+
+
+def test_labelme_vertices_outside_the_image_are_clipped(tmp_path):
+    image_path = tmp_path / "image.png"
+    phantoms.write_png(image_path, phantoms.make_phantom(100, 120, seed=2).image)
+    shapes = [("right_lung", rectangle(-30, -20, 50, 40)), ("left_lung", rectangle(80, 60, 300, 500))]
+    annotation = read_labelme(write_json(tmp_path / "outside.json", 100, 120, shapes, image_path="image.png"))
+    assert annotation.right_lung.sum() == 51 * 41 and annotation.right_lung[0, 0]
+    assert annotation.left_lung.sum() == 40 * 40 and annotation.left_lung[-1, -1]
+
+
+def test_labelme_opacity_outside_lung_is_dropped(tmp_path):
+    phantoms.write_png(tmp_path / "image.png", phantoms.make_phantom(100, 120, seed=2).image)
+    shapes = [("right_lung", rectangle(10, 10, 49, 89)), ("left_lung", rectangle(70, 10, 109, 89)),
+              ("opacity", rectangle(30, 40, 89, 59))]  # spans both lungs and the mediastinum between them
+    labels = read_labelme(write_json(tmp_path / "opacity.json", 100, 120, shapes, image_path="image.png")).label_map()
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert (labels == 2).sum() == 2 * 20 * 20
+    assert (labels[40:60, 50:70] == 0).all()
+
+
+def test_labelme_embedded_image(tmp_path):
+    phantom = phantoms.make_phantom(120, 160, seed=4)
+    json_path = str(tmp_path / "embedded.json")
+    phantoms.write_labelme(json_path, phantom, "not_there.png", embed_image=True)
+    annotation = read_labelme(json_path)
+    assert annotation.image_path is None and annotation.embedded_image
+    image = embedded_image_array(annotation)
+    assert image.shape == (120, 160)
+    np.testing.assert_allclose(image / 255.0, phantom.image, atol=1 / 255)
+    assert dice(annotation.lung, phantom.lung) > 0.95
+
+
+# ------------------------------------------------------------------------------------------------- prepare_data
+
+
+def run_prepare(dataset, output, seed=3, extra=()):
+    argv = ["--images", dataset.images, "--masks", dataset.masks, "--labelme", dataset.labelme,
+            "--metadata", dataset.metadata, "--output", str(output), "--val-fraction", "0.5", "--seed", str(seed)]
+    code = prepare_data.main(argv + list(extra))
+    with open(os.path.join(output, "datalist.json"), encoding="utf-8") as handle:
+        datalist = json.load(handle)
+    with open(os.path.join(output, "preparation_report.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    return code, datalist, report
+
+
+def stem(sample):
+    return os.path.basename(sample["image"]).split(".")[0]
+
+
+def test_prepare_data_labels_and_split(phantom_dataset, tmp_path):
+    code, datalist, report = run_prepare(phantom_dataset, tmp_path / "first")
+    assert code == 0 and report["skipped"] == [] and report["used"] == 8
+    training, validation = datalist["training"], datalist["validation"]
+    assert training and validation and len(training) + len(validation) == 8
+    assert not {s["patient_id"] for s in training} & {s["patient_id"] for s in validation}
+    annotated = {os.path.splitext(os.path.basename(path))[0] for path in phantom_dataset.labelme_files}
+    assert len(annotated) == 2
+    for sample in training + validation:
+        assert os.path.isfile(sample["image"])
+        labels = read_label_map(os.path.join(tmp_path / "first", sample["label"]))
+        phantom = phantoms.make_phantom(200, 240, seed=int(stem(sample).split("_")[1]))
+        assert labels.shape == (200, 240)
+        if stem(sample) in annotated:
+            assert sample["source"] == "labelme" and set(np.unique(labels)) == {0, 1, 2}
+            assert dice(labels == 2, phantom.opacity) > 0.9
+            assert dice(labels > 0, phantom.lung) > 0.97
+        else:
+            assert sample["source"] == "mask" and set(np.unique(labels)) == {0, 3}
+            np.testing.assert_array_equal(labels > 0, phantom.lung)
+
+    again_code, again, _ = run_prepare(phantom_dataset, tmp_path / "second")
+    assert again_code == 0
+    for part in ("training", "validation"):
+        assert [(s["image"], s["patient_id"]) for s in again[part]] == [(s["image"], s["patient_id"])
+                                                                       for s in datalist[part]]
+
+
+def test_prepare_data_skips_bad_files_by_name(phantom_dataset, tmp_path):
+    root = tmp_path / "data"  # a copy: the session dataset stays intact
+    shutil.copytree(phantom_dataset.root, root)
+    copy = phantoms.PhantomDataset(str(root), str(root / "images"), str(root / "masks"), str(root / "labelme"),
+                                   str(root / "metadata.csv"), [], [])
+    broken = root / "images" / "broken.png"
+    content = open(root / "images" / "phantom_001.png", "rb").read()
+    broken.write_bytes(content[: len(content) // 3])
+    phantoms.write_mask_png(root / "masks" / "broken.png", phantoms.make_phantom(200, 240, seed=1).lung)
+    wrong_size = root / "masks" / "phantom_003.png"
+    phantoms.write_mask_png(wrong_size, phantoms.make_phantom(100, 120, seed=3).lung)
+
+    code, datalist, report = run_prepare(copy, tmp_path / "out")
+    assert code == 0
+    skipped = {entry["file"]: entry["reason"] for entry in report["skipped"]}
+    assert set(skipped) == {str(broken), str(wrong_size)}
+    assert "100x120" in skipped[str(wrong_size)]
+    used = sorted(stem(s) for s in datalist["training"] + datalist["validation"])
+    assert used == [f"phantom_{i:03d}" for i in range(8) if i != 3]
+    assert report["used"] == 7
+
+
+def test_prepare_data_labelme_with_embedded_image_only(tmp_path):
+    phantom = phantoms.make_phantom(120, 160, seed=9)
+    labelme = tmp_path / "labelme"
+    phantoms.write_labelme(labelme / "case_9.json", phantom, "elsewhere/case_9.png", embed_image=True)
+    output = tmp_path / "out"
+    assert prepare_data.main(["--labelme", str(labelme), "--output", str(output), "--val-fraction", "0"]) == 0
+    datalist = json.loads((output / "datalist.json").read_text())
+    (sample,) = datalist["training"]
+    assert sample["image"] == str(output / "images" / "case_9.png") and os.path.isfile(sample["image"])
+    assert set(np.unique(read_label_map(str(output / sample["label"])))) == {0, 1, 2}

@@ -1,0 +1,107 @@
+"""The bundle's configs parse and instantiate, training learns and resumes, the evaluate workflow reports metrics."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, run_bundle
+from monai.bundle import ConfigParser
+
+CONFIGS = BUNDLE / "configs"
+
+
+def parser_for(*config_names: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in config_names])
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.update({"bundle_root": str(BUNDLE), **overrides})
+    return parser
+
+
+def test_train_config_instantiates_trainer_and_evaluator(prepared_phantoms, tmp_path):
+    parser = parser_for("train.yaml", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
+    trainer = parser.get_parsed_content("train#trainer")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert len(trainer.data_loader.dataset) > 0 and len(evaluator.data_loader.dataset) > 0
+    assert parser.get_parsed_content("network").encoder.__class__.__name__ == "ResNetEncoder"
+    batch = next(iter(trainer.data_loader))
+    assert batch["image"].shape[1:] == (1, 224, 224) and batch["label"].shape[1:] == (1, 224, 224)
+    assert set(torch.unique(batch["label"]).tolist()) <= {0, 1, 2, 3}
+
+
+def test_inference_and_evaluate_configs_instantiate(prepared_phantoms, tmp_path):
+    inference = parser_for("inference.yaml", dataset_dir=str(BUNDLE / "docs" / "samples"), output_dir=str(tmp_path))
+    assert len(inference.get_parsed_content("evaluator").data_loader.dataset) == 3
+    evaluate = parser_for("inference.yaml", "evaluate.yaml", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
+    item = evaluate.get_parsed_content("dataset")[0]
+    assert item["image"].shape[1:] == (224, 224)
+    assert item["label"].shape[1:] == item["display"].shape[1:] == tuple(item["image"].meta["original_shape"])
+
+
+def test_multi_gpu_config_merges_with_train_config():
+    parser = parser_for("train.yaml", "multi_gpu_train.yaml")
+    assert parser["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    assert parser["train"]["dataloader"]["sampler"] == "@train#sampler"
+    assert parser["train"]["dataloader"]["shuffle"] is False
+    assert parser["train"]["trainer"]["_target_"] == "SupervisedTrainer"  # train.yaml content is kept
+    assert parser["train"]["checkpoint_handlers"][1]["_disabled_"] == "@is_not_rank0"
+
+
+def test_network_matches_metadata_input_and_output():
+    result = run_bundle("verify_net_in_out", "network_def", "--config_file", str(CONFIGS / "inference.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def epoch_losses(log_text: str) -> dict[int, list[float]]:
+    losses: dict[int, list[float]] = {}
+    for epoch, loss in re.findall(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.]+)", log_text):
+        losses.setdefault(int(epoch), []).append(float(loss))
+    return losses
+
+
+def test_training_lowers_the_loss_and_resumes_after_interruption(prepared_phantoms, tmp_path):
+    arguments = [
+        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(prepared_phantoms),
+        "--output_dir", str(tmp_path), "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]",
+        "--val_interval", "2", "--learning_rate", "0.003", "--num_workers", "0",
+    ]  # fmt: skip
+    first = run_bundle(*arguments, "--num_epochs", "4")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    losses = epoch_losses(first.stdout)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert sum(losses[4]) / len(losses[4]) < sum(losses[1]) / len(losses[1])
+    assert (tmp_path / "checkpoint_epoch=4.pt").is_file() and (tmp_path / "model.pt").is_file()
+
+    resumed = run_bundle(*arguments, "--num_epochs", "6")  # same output folder: continues from epoch 4
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "checkpoint_epoch=4.pt" in resumed.stdout
+    assert sorted(epoch_losses(resumed.stdout)) == [5, 6]
+    assert (tmp_path / "checkpoint_epoch=6.pt").is_file()
+
+
+def test_evaluate_workflow_reports_metrics_on_phantoms(prepared_phantoms, phantom_model, tmp_path):
+    result = run_bundle(
+        "run", "--config_file", f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'evaluate.yaml'}']",
+        "--dataset_dir", str(prepared_phantoms), "--output_dir", str(tmp_path), "--ckpt_path", str(phantom_model),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    validation = json.loads((prepared_phantoms / "datalist.json").read_text())["validation"]
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(validation)
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    assert summary["images"] == len(validation)
+    assert summary["lung_dice"]["mean"] > 0.8
+    assert 0 <= summary["lung_hd95_px"]["mean"] < 40
+    assert (tmp_path / "severity.csv").is_file()
+
+
+@pytest.mark.parametrize("run_id", ["training", "run"])
+def test_both_run_ids_start_training(prepared_phantoms, tmp_path, run_id):
+    result = run_bundle(
+        "run", run_id, "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(prepared_phantoms),
+        "--output_dir", str(tmp_path), "--image_size", "[32,32]", "--num_epochs", "1", "--num_workers", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "checkpoint_epoch=1.pt").is_file()
