@@ -42,6 +42,7 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def limit_http_retries(defaults: Mapping[str, str] = HTTP_DEFAULTS) -> None:
@@ -195,6 +196,10 @@ class _RunLogger:
         run_id = handler.cur_run.info.run_id
         if run_id not in self._prepared_runs:
             self._prepared_runs.add(run_id)
+            experiment = handler.experiment
+            if experiment is not None and EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+                # the MLflow 3 UI then shows the experiment as "machine learning" (charts) rather than GenAI (traces)
+                self.guard.call(handler.client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self.on_run_started(handler)
 
     def on_run_started(self, handler: MLFlowHandler) -> None:

@@ -1,0 +1,196 @@
+"""The documented inference command: output contract, orientation across formats, bad input, nothing lost."""
+
+import csv
+import json
+
+import nibabel
+import numpy as np
+import phantoms
+import pytest
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, run_bundle
+from PIL import Image
+
+REQUIRED_COLUMNS = [
+    "image", "status", "message", "lung_area_px", "opacity_area_px", "opacity_pct", "right_opacity_pct",
+    "left_opacity_pct", "geographic_extent", "opacity_score", "lung_area_cm2", "opacity_area_cm2",
+]  # fmt: skip
+ROWS, COLUMNS = 200, 240
+SPACING_MM = (0.2, 0.1)
+
+
+def infer(dataset_dir, output_dir, model, *extra):
+    return run_bundle(
+        "run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--dataset_dir", str(dataset_dir),
+        "--output_dir", str(output_dir), "--ckpt_path", str(model),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", *extra,
+    )  # fmt: skip
+
+
+def read_rows(output_dir):
+    with open(output_dir / "severity.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def mask(output_dir, stem, kind):
+    return np.asarray(Image.open(output_dir / stem / f"{stem}_{kind}.png"))
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def mixed_folder_run(phantom_model, tmp_path_factory):
+    """One phantom in every supported format, plus bad files, through the documented inference command."""
+    folder = tmp_path_factory.mktemp("inference_inputs")
+    phantom = phantoms.make_phantom(ROWS, COLUMNS, seed=123)
+    image = phantom.image
+    phantoms.write_png(folder / "a_png8.png", image)
+    eight_bit = np.asarray(Image.open(folder / "a_png8.png"))
+    Image.fromarray(eight_bit.astype(np.uint16) * 257).save(folder / "a_png16.png")  # the same picture in 16 bits
+    phantoms.write_png(folder / "a_rgb.png", image, rgb=True)
+    phantoms.write_jpeg(folder / "a_jpeg.jpg", image)
+    phantoms.write_dicom(folder / "a_mono2.dcm", image, bits=16, spacing_mm=SPACING_MM)
+    phantoms.write_dicom(folder / "a_mono1.dcm", image, bits=12, photometric="MONOCHROME1", spacing_mm=SPACING_MM)
+    phantoms.write_dicom(folder / "a_jpeg2000.dcm", image, bits=12, transfer_syntax="jpeg2000")
+    phantoms.write_dicom(folder / "a_noextension", image, transfer_syntax="rle")
+    phantoms.write_nifti(folder / "a_nifti.nii.gz", image, spacing_mm=SPACING_MM)
+    (folder / "c_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "c_empty.jpg").write_bytes(b"")
+    (folder / "c_notes.txt").write_text("not an image")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((32, 32, 5), np.float32), np.eye(4)), str(folder / "c_volume.nii.gz"))
+    Image.fromarray(np.full((ROWS, COLUMNS), 128, np.uint8)).save(folder / "c_blank.png")
+
+    output = tmp_path_factory.mktemp("inference_outputs")
+    (output / "keep_me.txt").write_text("user file")
+    (output / "z_earlier_result").mkdir()
+    (output / "z_earlier_result" / "z_earlier_result_lung.png").write_bytes(b"earlier output")
+    result = infer(folder, output, phantom_model)
+    return folder, output, result, phantom
+
+
+def test_output_contract(mixed_folder_run):
+    folder, output, result, _ = mixed_folder_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_rows(output)
+    header = list(rows[0])
+    assert header[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
+    assert [row["image"] for row in rows] == sorted(path.name for path in folder.iterdir())  # one row each, in order
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        stem = row["image"].split(".")[0]
+        for kind in ("lung", "opacity"):
+            written = mask(output, stem, kind)
+            assert written.shape == (ROWS, COLUMNS) and written.dtype == np.uint8
+            assert set(np.unique(written)) <= {0, 255}
+        overlay = Image.open(output / stem / f"{stem}_overlay.png")
+        assert overlay.size == (COLUMNS, ROWS) and overlay.mode == "RGB"
+    summary = json.loads((output / "severity.json").read_text())
+    assert summary["settings"]["bundle_version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert summary["settings"]["device"] == "cpu"
+    assert [entry["image"] for entry in summary["images"]] == [row["image"] for row in rows]
+
+
+def test_masks_overlap_truth_and_agree_across_formats(mixed_folder_run):
+    _, output, _, phantom = mixed_folder_run
+    reference = mask(output, "a_png8", "lung") > 0
+    assert dice(reference, phantom.lung) > 0.8
+    assert not reference[phantom.marker].any()  # the top-left marker is never lung
+    for stem in ("a_png16", "a_rgb", "a_jpeg", "a_mono2", "a_mono1", "a_jpeg2000", "a_noextension", "a_nifti"):
+        assert dice(mask(output, stem, "lung") > 0, reference) > 0.97, stem
+    assert np.array_equal(mask(output, "a_png16", "lung"), mask(output, "a_png8", "lung"))  # bit depth changes nothing
+
+
+def test_per_lung_areas_follow_the_phantom(mixed_folder_run):
+    _, output, _, phantom = mixed_folder_run
+    row = {row["image"]: row for row in read_rows(output)}["a_png8.png"]
+    assert abs(int(row["right_lung_area_px"]) - phantom.right_lung.sum()) < 0.15 * phantom.right_lung.sum()
+    assert abs(int(row["left_lung_area_px"]) - phantom.left_lung.sum()) < 0.15 * phantom.left_lung.sum()
+
+
+def writer_row(tmp_path, class_map):
+    """Feed one hand-made class map to the severity handler, as the inference evaluator does."""
+    import torch
+    from monai.data import MetaTensor
+    from scripts.severity_handler import SeverityWriter
+
+    writer = SeverityWriter(str(tmp_path), fail_if_none_ok=False)
+    writer.start()
+    rows, columns = class_map.shape
+    meta = {"filename_or_obj": str(tmp_path / "case.png"), "spacing_mm": (float("nan"),) * 2, "error": ""}
+    image = MetaTensor(torch.zeros(1, 8, 8), meta=meta)
+    display = torch.full((1, rows, columns), 100, dtype=torch.uint8)
+    row = writer.add(image, torch.as_tensor(class_map[None]), display)
+    writer.completed()
+    return row
+
+
+def test_a_lung_on_the_image_left_is_the_patients_right(tmp_path):
+    class_map = np.zeros((100, 120), np.uint8)
+    class_map[20:80, 10:50] = 1
+    class_map[20:40, 10:50] = 2  # a quarter of the lung
+    row = writer_row(tmp_path, class_map)
+    assert row["status"] == "ok"
+    assert row["right_lung_area_px"] == 2400 and row["left_lung_area_px"] == 0
+    assert row["right_opacity_pct"] == pytest.approx(100 / 3, abs=0.01) and row["left_opacity_pct"] == 0
+    lung = mask(tmp_path, "case", "lung") > 0
+    assert lung[20:80, 10:50].all() and lung.sum() == 2400
+
+
+def test_no_lung_found_is_an_error_row(tmp_path):
+    row = writer_row(tmp_path, np.zeros((100, 120), np.uint8))
+    assert row["status"] == "error" and "no lung field found" in row["message"] and "case.png" in row["message"]
+
+
+def test_areas_in_cm2_follow_pixel_spacing(mixed_folder_run):
+    rows = {row["image"]: row for row in read_rows(mixed_folder_run[1])}
+    pixel_cm2 = SPACING_MM[0] * SPACING_MM[1] / 100
+    for name in ("a_mono2.dcm", "a_mono1.dcm", "a_nifti.nii.gz"):
+        row = rows[name]
+        assert float(row["lung_area_cm2"]) == pytest.approx(int(row["lung_area_px"]) * pixel_cm2, abs=0.01)
+        assert float(row["opacity_area_cm2"]) == pytest.approx(int(row["opacity_area_px"]) * pixel_cm2, abs=0.01)
+    assert rows["a_png8.png"]["lung_area_cm2"] == ""  # no spacing in a PNG
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("c_corrupt.png", "cannot decode"),
+        ("c_empty.jpg", "empty"),
+        ("c_notes.txt", "unsupported file type"),
+        ("c_volume.nii.gz", "3D"),
+        ("c_blank.png", "blank"),
+    ],
+)
+def test_bad_inputs_get_an_error_row_and_the_batch_goes_on(mixed_folder_run, name, problem):
+    _, output, _, _ = mixed_folder_run
+    rows = {row["image"]: row for row in read_rows(output)}
+    assert rows[name]["status"] == "error"
+    assert name in rows[name]["message"] and problem in rows[name]["message"]
+    assert not (output / name.split(".")[0]).exists()
+    assert sum(row["status"] == "ok" for row in rows.values()) == 9
+
+
+def test_existing_outputs_are_kept(mixed_folder_run):
+    _, output, _, _ = mixed_folder_run
+    assert (output / "keep_me.txt").read_text() == "user file"
+    assert (output / "z_earlier_result" / "z_earlier_result_lung.png").read_bytes() == b"earlier output"
+    assert not [path for path in output.rglob("*") if path.name.startswith(".tmp-") or path.suffix == ".partial"]
+
+
+def test_no_usable_file_or_no_folder_exits_non_zero(phantom_model, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    result = infer(bad, tmp_path / "out_bad", phantom_model)
+    assert result.returncode != 0 and "none of the 1 input files could be processed" in result.stdout + result.stderr
+    assert read_rows(tmp_path / "out_bad")[0]["status"] == "error"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = infer(empty, tmp_path / "out_empty", phantom_model)
+    assert result.returncode != 0 and "holds no file to process" in result.stderr
+
+    result = infer(tmp_path / "missing", tmp_path / "out_missing", phantom_model)
+    assert result.returncode != 0 and "does not exist" in result.stderr

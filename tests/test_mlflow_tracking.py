@@ -1,0 +1,325 @@
+"""``--tracking mlflow`` for the training and evaluate workflows, checked against a real ``mlflow server``.
+
+Every workflow runs as a subprocess on a tiny phantom dataset (4 training and 2 validation images, 64x64, one torch
+thread). The server runs in its own process group and is always stopped.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, bundle_command
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+import phantoms  # noqa: E402
+
+CONFIGS = BUNDLE / "configs"
+EXPERIMENT = "cxr_lung_opacity"
+TRAIN_IMAGES, BATCH_SIZE = 4, 2
+ITERATIONS_PER_EPOCH = TRAIN_IMAGES // BATCH_SIZE
+TINY = [
+    "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--batch_size", str(BATCH_SIZE),
+    "--val_interval", "1", "--num_workers", "0", "--mlflow_overlay_interval", "1", "--mlflow_overlay_count", "2",
+    "--initialize#1", "$torch.set_num_threads(1)",  # threads fighting over 2 busy cores make torch many times slower
+]  # fmt: skip
+WORKFLOW_TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on a free local port with a SQLite store, in its own process group."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = 180) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        executable = Path(sys.executable).with_name("mlflow")
+        command = [str(executable)] if executable.exists() else [sys.executable, "-m", "mlflow"]
+        command += [
+            "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+        ]  # fmt: skip
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
+        log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.folder, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer /health in time")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server's process group (``SIGKILL`` simulates a crash)."""
+        if self.process is None:
+            return
+        try:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.process.poll() is None:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server_pool(tmp_path_factory):
+    """One server for the module, restarted when a test stopped it; always stopped at the end."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(server_pool):
+    if not server_pool.running:
+        server_pool.start()
+    return server_pool
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Phantom images and label maps (0 background, 1 clear lung, 2 opacity) with datalist.json."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_phantoms")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    items = []
+    for index in range(TRAIN_IMAGES + 2):
+        phantom = phantoms.make_phantom(96, 80, seed=100 + index, opacity=index % 2 == 0)
+        Image.fromarray(np.rint(phantom.image * 255).astype(np.uint8)).save(root / "images" / f"p{index}.png")
+        Image.fromarray(phantom.label_map()).save(root / "labels" / f"p{index}.png")
+        items.append({"image": str(root / "images" / f"p{index}.png"), "label": f"labels/p{index}.png"})
+    (root / "datalist.json").write_text(json.dumps({"training": items[:TRAIN_IMAGES], "validation": items[TRAIN_IMAGES:]}))
+    return root
+
+
+def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOUT) -> tuple[int, str]:
+    """Run ``python -m monai.bundle ...``; ``on_line(line)`` sees each output line as it comes."""
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    environment.update(env or {})
+    process = subprocess.Popen(
+        bundle_command(*arguments), cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)
+    return process.returncode, "".join(lines)
+
+
+def train(dataset: Path, output: Path, epochs: int, *extra: str, on_line=None) -> tuple[int, str]:
+    arguments = [
+        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(dataset),
+        "--output_dir", str(output), "--num_epochs", str(epochs), *TINY, "--tracking", "mlflow", *extra,
+    ]  # fmt: skip
+    return run_workflow(arguments, cwd=output.parent, on_line=on_line)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """Every file artifact of a run, recursively."""
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def only_run(client: MlflowClient, run_name: str):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no experiment {EXPERIMENT!r}"
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, [run.info.run_name for run in runs]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def local_training(tiny_dataset, tmp_path_factory):
+    """A 2-epoch training tracked to the default store (no URI given): returns its output folder."""
+    output = tmp_path_factory.mktemp("local_store") / "run"
+    code, log = train(tiny_dataset, output, 2)
+    assert code == 0, log[-4000:]
+    return output
+
+
+def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
+    epochs = 2
+    code, log = train(
+        tiny_dataset, tmp_path / "run", epochs, "--tracking_uri", mlflow_server.url, "--run_name", "server_run"
+    )
+    assert code == 0, log[-4000:]
+    assert "MLflow tracking failed" not in log
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run = only_run(client, "server_run")
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    config = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    params = run.data.params
+    expected = {
+        "learning_rate": config["learning_rate"], "seed": config["seed"], "dice_weight": config["dice_weight"],
+        "synthetic_opacity_prob": config["synthetic_opacity_prob"], "rand_prob": config["rand_prob"],
+        "encoder": config["network_def"]["backbone"], "network": config["network_def"]["_target_"],
+        "loss": config["loss"]["_target_"], "weight_decay": config["optimizer"]["weight_decay"],
+        "batch_size": BATCH_SIZE, "num_epochs": epochs, "val_interval": 1,
+        "image_size": [PHANTOM_IMAGE_SIZE, PHANTOM_IMAGE_SIZE],
+        "datalist": str(tiny_dataset / "datalist.json"),
+        "datalist_sha256": hashlib.sha256((tiny_dataset / "datalist.json").read_bytes()).hexdigest(),
+        "num_training": TRAIN_IMAGES, "num_validation": 2,
+    }  # fmt: skip
+    assert {key: params.get(key) for key in expected} == {key: str(value) for key, value in expected.items()}
+
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(point.step for point in loss) == list(range(1, epochs * ITERATIONS_PER_EPOCH + 1))
+    for name in ("train_loss_epoch", "learning_rate", "val_lung_dice", "val_opacity_dice", "best_val_lung_dice"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(point.step for point in history) == list(range(1, epochs + 1)), name
+    assert run.data.metrics["best_epoch"] in range(1, epochs + 1)
+
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert run.data.tags["bundle_version"] == metadata["version"]
+    commit = subprocess.run(["git", "-C", str(BUNDLE), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        assert run.data.tags["git_commit"] == commit.stdout.strip()
+
+    artifacts = artifact_paths(client, run.info.run_id)
+    configs = [path for path in artifacts if re.fullmatch(r"config/config_\d{8}_\d{6}\.json", path)]
+    assert len(configs) == 1, artifacts
+    executed = json.loads(Path(client.download_artifacts(run.info.run_id, configs[0], str(tmp_path))).read_text())
+    assert str(executed["num_epochs"]) == str(epochs)
+    assert {f"overlays/epoch_{epoch:04d}/p{index}.png" for epoch in (1, 2) for index in (4, 5)} <= set(artifacts)
+    assert {"checkpoints/model.pt", "logs/log.txt"} <= set(artifacts)
+    assert not (tmp_path / "run" / "mlruns.db").exists()  # the server got everything
+
+
+def test_default_store_is_sqlite_in_the_output_folder(local_training):
+    database = local_training / "mlruns.db"
+    assert database.is_file()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{database}")
+    try:
+        runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert len(runs) == 1
+    run = runs[0]
+    assert re.fullmatch(r"train_\d{8}_\d{6}", run.info.run_name), run.info.run_name
+    assert {"train_loss", "train_loss_epoch", "val_lung_dice", "val_opacity_dice"} <= set(run.data.metrics)
+    assert run.data.params["num_epochs"] == "2"
+    assert (local_training / "mlruns").is_dir()  # the artifacts sit next to the database
+    assert list((local_training / "mlruns").rglob("config_*.json"))
+    assert list(local_training.glob("config_*.json")) and (local_training / "model.pt").is_file()
+
+
+def test_evaluate_is_tracked(mlflow_server, local_training, tiny_dataset, tmp_path):
+    output = tmp_path / "evaluate"
+    arguments = [
+        "run", "--config_file", f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'evaluate.yaml'}']",
+        "--dataset_dir", str(tiny_dataset), "--output_dir", str(output), "--ckpt_path", str(local_training / "model.pt"),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--initialize#0", "$torch.set_num_threads(1)",
+        "--tracking", "mlflow",
+    ]  # fmt: skip
+    code, log = run_workflow(arguments, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert code == 0, log[-4000:]
+    assert not (output / "mlruns.db").exists()  # MLFLOW_TRACKING_URI wins over the default store
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = [run for run in client.search_runs([experiment.experiment_id]) if run.info.run_name.startswith("evaluate_")]
+    assert len(runs) == 1
+    run = runs[0]
+    assert re.fullmatch(r"evaluate_\d{8}_\d{6}", run.info.run_name)
+    summary = json.loads((output / "metrics_summary.json").read_text())
+    assert run.data.metrics["images"] == 2
+    assert run.data.metrics["lung_dice_mean"] == pytest.approx(summary["lung_dice"]["mean"])
+    assert run.data.metrics["lung_dice_median"] == pytest.approx(summary["lung_dice"]["median"])
+    assert "opacity_dice_mean" in run.data.metrics or summary["opacity_dice"]["mean"] is None
+    assert run.data.params["ckpt_path"] == str(local_training / "model.pt")
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"metrics.csv", "metrics_summary.json", "severity.csv"} <= set(artifacts)
+    assert any(path.startswith("config/config_") for path in artifacts)
+
+
+def test_training_goes_on_when_the_server_dies(mlflow_server, tiny_dataset, tmp_path):
+    """The server is killed once the first epoch is logged; training finishes and writes its checkpoints."""
+    epochs = 5
+    killed = threading.Event()
+
+    def kill_after_first_epoch(line: str) -> None:
+        if not killed.is_set() and "SupervisedTrainer - INFO - Epoch[1] Complete" in line:
+            mlflow_server.stop(signal.SIGKILL)
+            killed.set()
+
+    started = time.monotonic()
+    code, log = train(
+        tiny_dataset, tmp_path / "run", epochs, "--tracking_uri", mlflow_server.url, "--run_name", "dying_server",
+        on_line=kill_after_first_epoch,
+    )  # fmt: skip
+    assert killed.is_set(), log[-4000:]
+    assert code == 0, log[-4000:]
+    assert "MLflow tracking failed" in log
+    assert "Train completed" in log
+    assert (tmp_path / "run" / f"checkpoint_epoch={epochs}.pt").is_file()
+    assert (tmp_path / "run" / "model_final.pt").is_file()
+    assert time.monotonic() - started < WORKFLOW_TIMEOUT
