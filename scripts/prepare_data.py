@@ -4,7 +4,8 @@
 Inputs (any combination):
   --images DIR        radiographs (DICOM, PNG, JPEG, NIfTI); a mask or LabelMe file is matched by file stem
   --masks DIR         lung-field masks (<stem>.png/.nii.gz, lung > 0): lung only, opacity not annotated
-  --extra-masks DIR   lower-trust lung masks, used for training only and only where --masks has none
+  --extra-masks DIR   lower-trust lung masks (e.g. model predictions), training only, where --masks has none
+  --clear-finding F   metadata finding (e.g. "No Finding") whose lungs count as annotated clear lung
   --labelme DIR       LabelMe JSON files with right_lung / left_lung / opacity polygons (override masks)
   --metadata CSV      table with the image file name and patient id (default columns: filename, patientid)
 
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from scripts.label_io import atomic_write, read_label_map, write_png  # noqa: E402
 from scripts.labelme import read_labelme  # noqa: E402
-from scripts.labels import BACKGROUND, LUNG_UNANNOTATED  # noqa: E402
+from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED  # noqa: E402
 from scripts.radiograph_io import (  # noqa: E402
     SUPPORTED_EXTENSIONS,
     RadiographError,
@@ -50,14 +51,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of radiographs")
     parser.add_argument("--masks", help="folder of lung-field masks named like the images")
-    parser.add_argument("--extra-masks", help="folder of lower-trust lung masks (training only)")
+    parser.add_argument(
+        "--extra-masks", action="append", default=[], help="folder of lower-trust lung masks (training only); repeatable"
+    )
     parser.add_argument("--labelme", help="folder of LabelMe JSON annotations")
     parser.add_argument("--metadata", help="CSV with image file names and patient ids")
     parser.add_argument("--filename-column", default="filename")
     parser.add_argument("--patient-column", default="patientid")
+    parser.add_argument("--finding-column", default="finding")
+    parser.add_argument(
+        "--clear-finding",
+        action="append",
+        default=[],
+        help="metadata finding whose lungs are clear (e.g. 'No Finding'): their masks are labelled 1, not 3",
+    )
     parser.add_argument("--output", required=True, help="folder for label maps and datalist.json")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="fraction of patients held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    parser.add_argument("--split-from", help="datalist.json whose validation patients are held out again")
     parser.add_argument("--opacity-folds", type=int, default=2, help="folds over the LabelMe-annotated patients")
     parser.add_argument(
         "--holdout-opacity-fold",
@@ -87,6 +98,20 @@ def list_masks(folder: str | None) -> dict[str, str]:
         file_stem(name): os.path.join(folder, name)
         for name in sorted(os.listdir(folder))
         if name.lower().endswith(MASK_EXTENSIONS)
+    }
+
+
+def clear_stems(args) -> set[str]:
+    """Stems of images whose metadata finding is one of ``--clear-finding``."""
+    if not (args.metadata and args.clear_finding):
+        return set()
+    with open(args.metadata, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    wanted = {finding.strip().lower() for finding in args.clear_finding}
+    return {
+        file_stem(row[args.filename_column])
+        for row in rows
+        if str(row.get(args.finding_column, "")).strip().lower() in wanted
     }
 
 
@@ -130,7 +155,11 @@ def save_embedded_image(annotation, output: str, stem: str) -> str:
 def collect_samples(args, report: dict) -> list[dict]:
     """One sample per image that has a usable label; problems go to ``report['skipped']``."""
     images = list_images(args.images)
-    masks, extra_masks = list_masks(args.masks), list_masks(args.extra_masks)
+    masks = list_masks(args.masks)
+    extra_masks = {}
+    for folder in reversed(args.extra_masks):  # the first folder given wins
+        extra_masks.update(list_masks(folder))
+    clear = clear_stems(args)
     samples: dict[str, dict] = {}
 
     for json_name in sorted(os.listdir(args.labelme)) if args.labelme else []:
@@ -159,7 +188,10 @@ def collect_samples(args, report: dict) -> list[dict]:
             continue
         try:
             shape = read_radiograph(image_path).pixels.shape
-            samples[stem] = {"image": image_path, "labels": lung_mask_label_map(mask_path, shape), "source": source}
+            labels = lung_mask_label_map(mask_path, shape)
+            if stem in clear:  # a finding without opacity: the whole lung is annotated as clear
+                labels[labels == LUNG_UNANNOTATED] = CLEAR_LUNG
+            samples[stem] = {"image": image_path, "labels": labels, "source": source}
         except RadiographError as error:
             report["skipped"].append({"file": error.path, "reason": error.problem})
     return [dict(stem=stem, **sample) for stem, sample in samples.items()]
@@ -177,6 +209,9 @@ def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]
     other_patients = sorted({s["patient_id"] for s in samples} - set(labelme_patients))
     rng.shuffle(other_patients)
     validation_patients = set(other_patients[: int(round(args.val_fraction * len(other_patients)))]) | holdout
+    if args.split_from:  # keep the validation patients of an earlier datalist (e.g. to fine-tune a model)
+        with open(args.split_from, encoding="utf-8") as handle:
+            validation_patients = {item["patient_id"] for item in json.load(handle)["validation"]}
     training, validation = [], []
     for sample in samples:
         if sample["patient_id"] not in validation_patients:
@@ -192,7 +227,7 @@ def main(argv=None) -> int:
         print("error: give --images and/or --labelme", file=sys.stderr)
         return 2
     output = os.path.abspath(args.output)
-    for given in (args.images, args.masks, args.extra_masks, args.labelme):
+    for given in (args.images, args.masks, *args.extra_masks, args.labelme):
         if given and os.path.abspath(given) == output:
             print(f"error: --output {output} is an input folder; choose another", file=sys.stderr)
             return 2

@@ -17,15 +17,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import phantoms
 import pytest
 import yaml
 from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, bundle_command
-
-mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-import phantoms  # noqa: E402
+from mlflow.tracking import MlflowClient
 
 CONFIGS = BUNDLE / "configs"
 EXPERIMENT = "cxr_lung_opacity"

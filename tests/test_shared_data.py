@@ -60,3 +60,39 @@ def test_shared_training_two_epochs_at_reduced_size(shared_prepared, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "checkpoint_epoch=2.pt").is_file() and (tmp_path / "model.pt").is_file()
     assert "val_lung_dice" in result.stdout
+
+
+# Patients of these images are in the validation split of the shipped model (prepare_data.py seed 0): never trained on.
+HELD_OUT_IMAGES = [
+    "02b76460.jpg", "1-s2.0-S0735675720302746-gr1_lrg.jpg", "1-s2.0-S1684118220300372-gr1_lrg-b.png",
+    "1-s2.0-S1931312820301852-gr1_lrg-b.png", "1-s2.0-S2387020620301959-gr4_lrg-a.png",
+    "1-s2.0-S2387020620301959-gr4_lrg-b.png", "10.1016-slash-j.crad.2020.04.002-a.png", "1052b0fe.jpg",
+    "11547_2020_1202_Fig1_HTML-b.png", "289cb15b.jpg", "701_2020_4374_Fig2_HTML.png", "730a0b8f.jpg", "7c0d0e1d.jpg",
+    "8da14fff.jpg", "90986ce4.jpg", "9eca9ade.jpg",
+]  # fmt: skip
+SHIPPED_LUNG_DICE_FLOOR = 0.93  # measured 0.959 (min 0.927) with the shipped weights
+
+
+def test_shared_shipped_weights_segment_held_out_lungs(shared_data, tmp_path):
+    import prepare_data
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name in HELD_OUT_IMAGES:
+        (images / name).symlink_to(COHEN / "images" / name)
+        mask_name = name.rsplit(".", 1)[0] + ".png"
+        (masks / mask_name).symlink_to(COHEN / "lung_masks" / mask_name)
+    prepared = tmp_path / "prepared"
+    code = prepare_data.main(
+        ["--images", str(images), "--masks", str(masks), "--output", str(prepared), "--val-fraction", "1.0"]
+    )
+    assert code == 0
+    result = run_bundle(
+        "run", "--config_file", f"['{BUNDLE / 'configs' / 'inference.yaml'}','{BUNDLE / 'configs' / 'evaluate.yaml'}']",
+        "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "evaluation"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "evaluation" / "metrics_summary.json").read_text())
+    assert summary["images"] == len(HELD_OUT_IMAGES)
+    assert summary["lung_dice"]["mean"] >= SHIPPED_LUNG_DICE_FLOOR

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Measure the bundle against the bare network, on this machine, and print the table.
+
+1. Floor: the bare network's forward time per image at the inference size (inference mode, warm), and the images/s
+   of a bare PyTorch training loop (same network, loss, optimiser, batch and size, data already in memory).
+2. Bundle: end-to-end inference time per image through the documented inference command (files to masks and CSV;
+   process start-up reported separately), and the images/s of the bundle's SupervisedTrainer on the same data.
+3. Ratios bundle / floor, and the peak resident memory of inference over 50 and over 200 images.
+
+Uses the radiographs of ../shared/data/cohen-cxr when present, else generated 1024 x 1024 phantoms.
+
+  .venv/bin/python scripts/benchmark.py [--count 50] [--memory-count 200] [--output outputs/benchmark.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BUNDLE = os.path.join(ROOT, "bundle")
+SHARED_IMAGES = os.path.join(ROOT, "..", "shared", "data", "cohen-cxr", "images")
+sys.path.insert(0, BUNDLE)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from monai.networks.nets import FlexibleUNet  # noqa: E402
+from scripts.losses import PartialLabelDiceCELoss  # noqa: E402
+
+
+def network() -> torch.nn.Module:
+    return FlexibleUNet(spatial_dims=2, in_channels=1, out_channels=3, backbone="resnet18", pretrained=False)
+
+
+def floor_inference(size: int, device: torch.device, repeats: int = 30) -> float:
+    """Median seconds per image of a bare forward pass (batch 1, inference mode, warm)."""
+    model = network().to(device).eval()
+    weights = os.path.join(BUNDLE, "models", "model.pt")
+    if os.path.isfile(weights):
+        model.load_state_dict(torch.load(weights, map_location=device))
+    image = torch.rand(1, 1, size, size, device=device)
+    times = []
+    with torch.inference_mode():
+        for index in range(repeats + 5):
+            start = time.perf_counter()
+            model(image).argmax(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if index >= 5:
+                times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def floor_training(size: int, batch: int, device: torch.device, iterations: int = 8) -> float:
+    """Images per second of a bare training loop on tensors already in memory."""
+    model = network().to(device).train()
+    loss_function = PartialLabelDiceCELoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    images = torch.rand(batch, 1, size, size, device=device)
+    labels = torch.randint(0, 4, (batch, 1, size, size), device=device).float()
+    for index in range(iterations + 2):
+        if index == 2:
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        loss_function(model(images), labels).backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * iterations / (time.perf_counter() - start)
+
+
+def input_images(folder: str, count: int) -> list[str]:
+    """``count`` radiographs in ``folder`` (real ones when available, repeated if needed)."""
+    os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(SHARED_IMAGES):
+        sources = [os.path.join(SHARED_IMAGES, name) for name in sorted(os.listdir(SHARED_IMAGES))]
+    else:
+        import phantoms
+
+        sources = []
+        for index in range(min(count, 20)):
+            path = os.path.join(tempfile.gettempdir(), f"benchmark_phantom_{index:03d}.png")
+            phantoms.write_png(path, phantoms.make_phantom(1024, 1024, seed=index).image, bits=16)
+            sources.append(path)
+    paths = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        target = os.path.join(folder, f"{index:04d}_{os.path.basename(source)}")
+        shutil.copyfile(source, target)
+        paths.append(target)
+    return paths
+
+
+def engine_seconds(log: str, pattern: str) -> float:
+    """Seconds of the last ignite 'Time taken: H:MM:SS.fff' following ``pattern`` in a log."""
+    matches = re.findall(pattern + r".*?Time taken: (\d+):(\d+):([\d.]+)", log)
+    if not matches:
+        raise RuntimeError(f"no '{pattern}' timing in the log:\n{log[-2000:]}")
+    hours, minutes, seconds = matches[-1]
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def bundle_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", *arguments, "--meta_file", os.path.join(BUNDLE, "configs", "metadata.json"),
+            "--logging_file", os.path.join(BUNDLE, "configs", "logging.conf"), "--bundle_root", BUNDLE]  # fmt: skip
+
+
+# runs a command and prints the peak resident memory of its process tree (RUSAGE_CHILDREN of this wrapper only)
+PEAK_MEMORY_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); sys.exit(code)"
+)
+
+
+def bundle_inference(folder: str, output: str) -> dict:
+    """Run the documented inference command; return wall, engine and start-up seconds and its peak memory."""
+    command = bundle_command("run", "--config_file", os.path.join(BUNDLE, "configs", "inference.yaml"),
+                             "--dataset_dir", folder, "--output_dir", output)  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_WRAPPER, *command], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+    peak_kb = int(re.findall(r"PEAK_RSS_KB=(\d+)", result.stderr)[-1])
+    engine = engine_seconds(result.stdout + result.stderr, "Engine run finished")
+    return {"wall_s": wall, "engine_s": engine, "startup_s": wall - engine, "peak_rss_mb": peak_kb / 1024}
+
+
+def bundle_training(images: list[str], work: str, size: int, batch: int) -> float:
+    """Images per second of the bundle's SupervisedTrainer (second epoch, data cached), no validation."""
+    from PIL import Image
+
+    labels = os.path.join(work, "labels")
+    os.makedirs(labels, exist_ok=True)
+    items = []
+    for path in images:
+        with Image.open(path) as image:
+            columns, rows = image.size
+        label = os.path.join(labels, os.path.basename(path) + ".png")
+        mask = np.zeros((rows, columns), np.uint8)
+        mask[rows // 5 : 4 * rows // 5, columns // 8 : 3 * columns // 8] = 3  # a lung-only label, as from V7 masks
+        mask[rows // 5 : 4 * rows // 5, 5 * columns // 8 : 7 * columns // 8] = 3
+        Image.fromarray(mask).save(label)
+        items.append({"image": path, "label": label})
+    with open(os.path.join(work, "datalist.json"), "w") as handle:
+        json.dump({"training": items, "validation": items[:batch]}, handle)
+    command = bundle_command("run", "training", "--config_file", os.path.join(BUNDLE, "configs", "train.yaml"),
+                             "--dataset_dir", work, "--output_dir", os.path.join(work, "run"), "--num_epochs", "2",
+                             "--val_interval", "100", "--batch_size", str(batch), "--image_size", f"[{size},{size}]")  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+    return len(items) / engine_seconds(result.stdout + result.stderr, r"SupervisedTrainer - INFO - Epoch\[2\] Complete")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=50, help="radiographs for the inference timing (>= 50)")
+    parser.add_argument("--memory-count", type=int, default=200, help="radiographs for the peak-memory run")
+    parser.add_argument("--train-images", type=int, default=48, help="radiographs per training epoch")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--output", help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = tempfile.mkdtemp(prefix="cxr_benchmark_")
+    try:
+        figures = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}, device {device}"
+            + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
+            "data": "../shared/data/cohen-cxr radiographs" if os.path.isdir(SHARED_IMAGES) else "1024x1024 phantoms",
+        }
+        figures["floor_inference_s_per_image"] = floor_inference(args.size, device)
+        figures["floor_training_images_per_s"] = floor_training(args.size, args.batch, device)
+
+        images = input_images(os.path.join(work, "inputs"), args.count)
+        run = bundle_inference(os.path.dirname(images[0]), os.path.join(work, "outputs"))
+        figures["bundle_inference_s_per_image"] = run["engine_s"] / args.count
+        figures["bundle_startup_s"] = run["startup_s"]
+        figures["peak_rss_mb_inference_small"] = run["peak_rss_mb"]
+        many = input_images(os.path.join(work, "inputs_many"), args.memory_count)
+        figures["peak_rss_mb_inference_large"] = bundle_inference(
+            os.path.dirname(many[0]), os.path.join(work, "outputs_many")
+        )["peak_rss_mb"]
+        figures["bundle_training_images_per_s"] = bundle_training(
+            images[: args.train_images], os.path.join(work, "train"), args.size, args.batch
+        )
+        figures["inference_ratio_bundle_over_floor"] = (
+            figures["bundle_inference_s_per_image"] / figures["floor_inference_s_per_image"]
+        )
+        figures["training_ratio_bundle_over_floor"] = (
+            figures["bundle_training_images_per_s"] / figures["floor_training_images_per_s"]
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"machine: {figures['machine']}; data: {figures['data']}; size {args.size}, training batch {args.batch}")
+    rows = [
+        ("inference, s per image", figures["floor_inference_s_per_image"], figures["bundle_inference_s_per_image"],
+         figures["inference_ratio_bundle_over_floor"]),
+        ("training, images per s", figures["floor_training_images_per_s"], figures["bundle_training_images_per_s"],
+         figures["training_ratio_bundle_over_floor"]),
+    ]  # fmt: skip
+    print(f"{'':28s}{'floor':>10s}{'bundle':>10s}{'ratio':>8s}")
+    for name, floor, bundle, ratio in rows:
+        print(f"{name:28s}{floor:10.3f}{bundle:10.3f}{ratio:8.2f}")
+    print(f"inference start-up (process, imports, model load): {figures['bundle_startup_s']:.1f} s")
+    print(
+        f"peak resident memory of inference: {figures['peak_rss_mb_inference_small']:.0f} MB over {args.count} images, "
+        f"{figures['peak_rss_mb_inference_large']:.0f} MB over {args.memory_count} images"
+    )
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as handle:
+            json.dump(figures, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
