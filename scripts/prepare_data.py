@@ -200,7 +200,8 @@ def collect_samples(args, report: dict) -> list[dict]:
 def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]:
     """Held-out patients go to validation; LabelMe patients are split by opacity fold.
 
-    Lower-trust extra masks only ever train: those of validation patients are left out, so no patient is in both.
+    Lower-trust extra masks only ever train: those of patients with validation images are left out, so no patient is
+    in both.
     """
     rng = random.Random(args.seed)
     labelme_patients = sorted({s["patient_id"] for s in samples if s["source"] == "labelme"})
@@ -212,12 +213,9 @@ def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]
     if args.split_from:  # keep the validation patients of an earlier datalist (e.g. to fine-tune a model)
         with open(args.split_from, encoding="utf-8") as handle:
             validation_patients = {item["patient_id"] for item in json.load(handle)["validation"]}
-    training, validation = [], []
-    for sample in samples:
-        if sample["patient_id"] not in validation_patients:
-            training.append(sample)
-        elif sample["source"] != "extra_mask":
-            validation.append(sample)
+    validation = [s for s in samples if s["patient_id"] in validation_patients and s["source"] != "extra_mask"]
+    validated = {s["patient_id"] for s in validation}
+    training = [s for s in samples if s["patient_id"] not in validated and s not in validation]
     return training, validation
 
 
