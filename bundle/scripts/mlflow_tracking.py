@@ -250,6 +250,20 @@ class _RunLogger:
             return None
         return self.guard.call(function, *args, **kwargs)
 
+    def log_run_details(self, params: Mapping) -> None:
+        """Parameters (with the datalist path and its sha256), tags and the executed config of a new run.
+
+        Subclasses set ``datalist`` (path or None) and ``config`` (a :class:`_ConfigArtifact`).
+        """
+        params = dict(params)
+        if self.datalist:
+            params.update(datalist=self.datalist, datalist_sha256=file_sha256(self.datalist))
+        self.guard.call(self.log_params, params)
+        self.guard.call(self.log_tags, self.common_tags())
+        config = self.config.write()
+        if config:
+            self.guard.call(self.log_artifact, config, "config")
+
     def common_tags(self) -> dict:
         tags = dict(self.tags)
         commit = git_commit(self.bundle_root) if self.bundle_root else ""
@@ -328,15 +342,7 @@ class TrainingTracker(_RunLogger):
             logger.info("MLflow tracking enabled; tracking failures are reported as warnings and training goes on")
 
     def on_run_started(self, handler: MLFlowHandler) -> None:
-        params = dict(self.params)
-        if self.datalist:
-            params.update(datalist=self.datalist, datalist_sha256=file_sha256(self.datalist))
-            params.update(_datalist_counts(self.datalist))
-        self.guard.call(self.log_params, params)
-        self.guard.call(self.log_tags, self.common_tags())
-        config = self.config.write()
-        if config:
-            self.guard.call(self.log_artifact, config, "config")
+        self.log_run_details({**self.params, **(_datalist_counts(self.datalist) if self.datalist else {})})
 
     def epoch_started(self, engine) -> None:
         self._losses = []
@@ -495,14 +501,7 @@ class EvaluationTracker(_RunLogger):
         self._find_mlflow(engine)
 
     def on_run_started(self, handler: MLFlowHandler) -> None:
-        params = dict(self.params)
-        if self.datalist:
-            params.update(datalist=self.datalist, datalist_sha256=file_sha256(self.datalist))
-        self.guard.call(self.log_params, params)
-        self.guard.call(self.log_tags, self.common_tags())
-        config = self.config.write()
-        if config:
-            self.guard.call(self.log_artifact, config, "config")
+        self.log_run_details(self.params)
 
     def completed(self, engine) -> None:
         if self.mlflow is None:

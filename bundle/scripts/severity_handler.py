@@ -120,7 +120,8 @@ class SeverityWriter:
         return row
 
     def _score(self, path: str, meta, class_map, display) -> dict:
-        classes = np.asarray(class_map).reshape(np.asarray(class_map).shape[-2:]).astype(np.uint8)
+        classes = np.asarray(class_map)
+        classes = classes.reshape(classes.shape[-2:]).astype(np.uint8)
         rows, columns = classes.shape
         lung = classes != BACKGROUND
         opacity = classes == OPACITY
