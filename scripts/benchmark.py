@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Measure the bundle against the bare network, on this machine, and print the table.
 
-1. Floor: the bare network's forward time per image at the inference size (inference mode, warm), and the images/s
-   of a bare PyTorch training loop (same network, loss, optimiser, batch and size, data already in memory).
+1. Floor: the bare network's forward time per image at the inference size (warm, batch 1), on PyTorch (inference
+   mode) and on ONNX Runtime, and the images/s of a bare PyTorch training loop (same network, loss, optimiser, batch
+   and size, data already in memory).
 2. Bundle: end-to-end inference time per image through the documented inference command (files to masks and CSV;
    process start-up reported separately), and the images/s of the bundle's SupervisedTrainer on the same data.
-3. Ratios bundle / floor, and the peak resident memory of inference over 50 and over 200 images.
+3. Ratios bundle / floor (the floor of the runtime the bundle uses: ONNX Runtime on a CPU, PyTorch on CUDA), and the
+   peak resident memory of inference over 50 and over 200 images.
 
 Uses the radiographs of ../shared/data/cohen-cxr when present, else generated 1024 x 1024 phantoms.
 
@@ -36,18 +38,21 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from monai.networks.nets import FlexibleUNet  # noqa: E402
 from scripts.losses import PartialLabelDiceCELoss  # noqa: E402
+from scripts.onnx_runtime import OnnxRuntimeNetwork  # noqa: E402
 
 
 def network() -> torch.nn.Module:
     return FlexibleUNet(spatial_dims=2, in_channels=1, out_channels=3, backbone="resnet18", pretrained=False)
 
 
-def floor_inference(size: int, device: torch.device, repeats: int = 30) -> float:
-    """Median seconds per image of a bare forward pass (batch 1, inference mode, warm)."""
+def floor_inference(size: int, device: torch.device, runtime: str = "torch", repeats: int = 30) -> float:
+    """Median seconds per image of a bare forward pass (batch 1, warm) on PyTorch or ONNX Runtime."""
     model = network().to(device).eval()
     weights = os.path.join(BUNDLE, "models", "model.pt")
     if os.path.isfile(weights):
         model.load_state_dict(torch.load(weights, map_location=device))
+    if runtime == "onnxruntime":
+        model = OnnxRuntimeNetwork(model)
     image = torch.rand(1, 1, size, size, device=device)
     times = []
     with torch.inference_mode():
@@ -184,7 +189,11 @@ def main(argv=None) -> int:
             + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
             "data": "../shared/data/cohen-cxr radiographs" if os.path.isdir(SHARED_IMAGES) else "1024x1024 phantoms",
         }
-        figures["floor_inference_s_per_image"] = floor_inference(args.size, device)
+        figures["runtime"] = "torch" if device.type == "cuda" else "onnxruntime"  # as inference.yaml chooses
+        figures["floor_torch_inference_s_per_image"] = floor_inference(args.size, device, "torch")
+        if device.type == "cpu":
+            figures["floor_onnxruntime_inference_s_per_image"] = floor_inference(args.size, device, "onnxruntime")
+        figures["floor_inference_s_per_image"] = figures[f"floor_{figures['runtime']}_inference_s_per_image"]
         figures["floor_training_images_per_s"] = floor_training(args.size, args.batch, device)
 
         images = input_images(os.path.join(work, "inputs"), args.count)
@@ -209,6 +218,11 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"machine: {figures['machine']}; data: {figures['data']}; size {args.size}, training batch {args.batch}")
+    floors = ", ".join(
+        f"{runtime} {figures[f'floor_{runtime}_inference_s_per_image']:.3f} s" for runtime in ("torch", "onnxruntime")
+        if f"floor_{runtime}_inference_s_per_image" in figures
+    )  # fmt: skip
+    print(f"bare network per image: {floors}; the bundle runs on {figures['runtime']}, the floor below")
     rows = [
         ("inference, s per image", figures["floor_inference_s_per_image"], figures["bundle_inference_s_per_image"],
          figures["inference_ratio_bundle_over_floor"]),

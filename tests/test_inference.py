@@ -194,3 +194,47 @@ def test_no_usable_file_or_no_folder_exits_non_zero(phantom_model, tmp_path):
 
     result = infer(tmp_path / "missing", tmp_path / "out_missing", phantom_model)
     assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_onnx_export_gives_the_pytorch_outputs(phantom_model, tmp_path):
+    """scripts/export_onnx.py writes a model whose ONNX Runtime logits equal PyTorch's; so does the in-memory runtime."""
+    import export_onnx
+    import onnxruntime
+    import torch
+    from monai.networks.nets import FlexibleUNet
+    from scripts.onnx_runtime import OnnxRuntimeNetwork
+    from ship_model import state_dict_of
+
+    path = tmp_path / "model.onnx"
+    assert export_onnx.main(["--checkpoint", str(phantom_model), "--output", str(path), "--size", "64"]) == 0
+    network = FlexibleUNet(spatial_dims=2, in_channels=1, out_channels=3, backbone="resnet18", pretrained=False)
+    network.load_state_dict(state_dict_of(torch.load(phantom_model, map_location="cpu", weights_only=True)))
+    network.eval()
+    images = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(images).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = np.concatenate([session.run(None, {"image": image[None].numpy()})[0] for image in images])
+    assert np.abs(exported - expected).max() < 1e-3 * np.abs(expected).max()
+    assert np.abs(OnnxRuntimeNetwork(network)(images).numpy() - expected).max() < 1e-3 * np.abs(expected).max()
+    with pytest.raises(SystemExit):  # an existing file is never overwritten
+        export_onnx.main(["--checkpoint", str(phantom_model), "--output", str(path)])
+
+
+def test_batched_pytorch_run_gives_the_masks_of_the_single_image_onnx_run(mixed_folder_run, phantom_model, tmp_path):
+    """Batch 4 on PyTorch and batch 1 on ONNX Runtime (the CPU default) agree on every input's rows and masks."""
+    folder, single_output, _, _ = mixed_folder_run
+    result = infer(folder, tmp_path, phantom_model, "--runtime", "torch", "--batch_size", "4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single_rows, batched_rows = read_rows(single_output), read_rows(tmp_path)
+    assert [(row["image"], row["status"]) for row in batched_rows] == [(row["image"], row["status"]) for row in single_rows]
+    compared = 0
+    for row in single_rows:
+        if row["status"] != "ok":
+            continue
+        stem = row["image"].split(".")[0]
+        for kind in ("lung", "opacity"):
+            agreement = np.mean(mask(single_output, stem, kind) == mask(tmp_path, stem, kind))
+            assert agreement > 0.999, (row["image"], kind, agreement)
+            compared += 1
+    assert compared >= 16

@@ -48,8 +48,12 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-def write_png(path: str, array: np.ndarray) -> None:
-    """Write a (rows, columns) or (rows, columns, 3) uint8 array as PNG, atomically."""
+def write_png(path: str, array: np.ndarray, compress_level: int = 1) -> None:
+    """Write a (rows, columns) or (rows, columns, 3) uint8 array as PNG, atomically.
+
+    zlib level 1 by default: several times faster than PIL's default 6, and masks stay small.
+    """
     from PIL import Image
 
-    atomic_write(path, lambda temporary: Image.fromarray(np.ascontiguousarray(array)).save(temporary, format="PNG"))
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG", compress_level=compress_level))

@@ -41,14 +41,19 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     components, count = ndimage.label(lung, structure=EIGHT_CONNECTIVITY)
     labels = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(lung, components, labels)
+    flat_components = components.ravel()
+    sizes = np.bincount(flat_components, minlength=count + 1)[1:]
+    column_sums = np.bincount(flat_components, weights=np.tile(np.arange(lung.shape[1]), lung.shape[0]))[1:]
+    centroid_columns = column_sums / sizes
     by_size = labels[np.argsort(-sizes, kind="stable")]
-    big = [label for label in by_size if sizes[label - 1] >= MIN_BIG_COMPONENT_FRACTION * lung.sum()]
+    big = [label for label in by_size if sizes[label - 1] >= MIN_BIG_COMPONENT_FRACTION * sizes.sum()]
     big = big or [by_size[0]]
     centre_column = (lung.shape[1] - 1) / 2
 
     if len(big) >= 2:
-        return _split_two_lungs(components, labels, big[0], big[1])
+        first, second = big[0], big[1]
+        right_label, left_label = (first, second) if centroid_columns[first - 1] < centroid_columns[second - 1] else (second, first)
+        return _split_two_lungs(components, labels, right_label, left_label)
 
     main = components == big[0]
     columns = np.nonzero(main)[1]
@@ -64,18 +69,40 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros_like(lung), lung
 
 
-def _split_two_lungs(components: np.ndarray, labels: np.ndarray, first: int, second: int):
-    """Lungs from the two big components ``first`` and ``second``; every other component joins the nearest one."""
-    first_column = ndimage.center_of_mass(components == first)[1]
-    second_column = ndimage.center_of_mass(components == second)[1]
-    right_label, left_label = (first, second) if first_column < second_column else (second, first)
-    distance_to_right = ndimage.distance_transform_edt(components != right_label)
-    distance_to_left = ndimage.distance_transform_edt(components != left_label)
-    nearest_right = np.asarray(ndimage.minimum(distance_to_right, components, labels))
-    nearest_left = np.asarray(ndimage.minimum(distance_to_left, components, labels))
-    joins_right = np.concatenate(([False], nearest_right <= nearest_left))  # index 0 is the background
+def _split_two_lungs(components: np.ndarray, labels: np.ndarray, right_label: int, left_label: int):
+    """Lungs from the two big components; every other component joins the nearest one."""
+    joins_right = np.zeros(len(labels) + 1, dtype=bool)  # index 0 is the background
+    joins_right[right_label] = True
+    specks = labels[(labels != right_label) & (labels != left_label)]
+    if len(specks):
+        joins_right[specks] = _nearest_is_right(components, specks, right_label, left_label)
     right_lung = joins_right[components]
     return right_lung, (components > 0) & ~right_lung
+
+
+def _nearest_is_right(components: np.ndarray, specks: np.ndarray, right_label: int, left_label: int) -> np.ndarray:
+    """For each speck label, whether it lies nearer to the right lung than to the left one (ties: right).
+
+    The lung pixel nearest to any outside pixel lies on the lung's border, so the distances are measured to the
+    border pixels of both lungs only (a k-d tree), from every pixel of each speck.
+    """
+    from scipy.spatial import cKDTree
+
+    lungs = (components == right_label) | (components == left_label)
+    padded = np.pad(lungs, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    border_rows, border_columns = np.nonzero(lungs & ~interior)
+    border_is_right = components[border_rows, border_columns] == right_label
+    speck_rows, speck_columns = np.nonzero(np.isin(components, specks))
+    speck_labels = components[speck_rows, speck_columns]
+    tree = cKDTree(np.column_stack((border_rows, border_columns)))
+    distance, nearest = tree.query(np.column_stack((speck_rows, speck_columns)))
+    owner_is_right = border_is_right[nearest]
+    order = np.lexsort((~owner_is_right, distance, speck_labels))  # per label: closest first, right first
+    sorted_labels = speck_labels[order]
+    first_of_label = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    closest = dict(zip(sorted_labels[first_of_label].tolist(), owner_is_right[order][first_of_label].tolist()))
+    return np.array([closest[int(label)] for label in specks], dtype=bool)
 
 
 def _midline_column(lung: np.ndarray) -> int:

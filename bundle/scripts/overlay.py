@@ -8,21 +8,26 @@ from scipy import ndimage
 LUNG_OUTLINE_RGB = (0, 220, 255)
 OPACITY_FILL_RGB = (255, 60, 40)
 OPACITY_ALPHA = 0.4
+# RGB of every grey level (0-255) under the translucent opacity fill
+OPACITY_BLEND = np.rint(
+    (1 - OPACITY_ALPHA) * np.arange(256, dtype=np.float32)[:, None] + OPACITY_ALPHA * np.float32(OPACITY_FILL_RGB)
+).astype(np.uint8)
 
 
 def outline(mask: np.ndarray, width: int) -> np.ndarray:
-    """Pixels of ``mask`` within ``width`` pixels of its border."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width))
+    """Pixels of ``mask`` within ``width`` pixels (chessboard distance) of its border."""
+    eroded = ndimage.minimum_filter(mask, size=2 * max(1, width) + 1, mode="constant", cval=False)
+    return mask & ~eroded
 
 
 def draw_overlay(display: np.ndarray, lung: np.ndarray, opacity: np.ndarray, caption: str) -> np.ndarray:
     """RGB uint8 image: grey radiograph, translucent opacity fill, lung outline and a caption in the top-left."""
     from PIL import Image, ImageDraw, ImageFont
 
-    rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
-    rgb[opacity] = (1 - OPACITY_ALPHA) * rgb[opacity] + OPACITY_ALPHA * np.asarray(OPACITY_FILL_RGB, np.float32)
+    display = np.asarray(display, dtype=np.uint8)
+    rgb = np.where(opacity[..., None], OPACITY_BLEND[display], display[..., None])
     rgb[outline(lung, width=max(1, max(lung.shape) // 400))] = LUNG_OUTLINE_RGB
-    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    image = Image.fromarray(rgb)
     size = max(12, max(lung.shape) // 40)
     font = ImageFont.load_default(size=size)
     draw = ImageDraw.Draw(image)

@@ -45,13 +45,17 @@ def extent_score(percent: float) -> int:
 
 
 def opacity_degree(
-    image: np.ndarray, lung: np.ndarray, opacity: np.ndarray, clear_lung: np.ndarray | None = None
+    image: np.ndarray,
+    lung: np.ndarray,
+    opacity: np.ndarray,
+    clear_lung: np.ndarray | None = None,
+    image_range: tuple[float, float] | None = None,
 ) -> int:
     """Cohen opacity degree of one lung: 0 none, 1 ground glass, 2 consolidation, 3 white-out.
 
     ``image`` is the radiograph (higher = denser), ``lung`` the mask of this lung, ``opacity`` the opacity mask (only
     its pixels inside ``lung`` count) and ``clear_lung`` the lung without opacity in the whole image, both lungs (by
-    default the clear part of ``lung``). Rule:
+    default the clear part of ``lung``); ``image_range`` the image's (p5, p95), computed when not given. Rule:
 
     * no opacity pixel in the lung -> 0;
     * relative density ``d = (median(image in opacity) - median(image in clear lung))
@@ -62,7 +66,7 @@ def opacity_degree(
 
     The figures are ratios of intensity differences, so a linear rescaling of the image (8 or 16 bit) changes nothing.
     """
-    image = np.asarray(image, dtype=np.float64)
+    image = np.asarray(image)
     lung = np.asarray(lung) > 0
     opacity = (np.asarray(opacity) > 0) & lung
     clear_lung = lung & ~opacity if clear_lung is None else np.asarray(clear_lung) > 0
@@ -75,7 +79,7 @@ def opacity_degree(
         return NO_OPACITY
 
     opacity_median = float(np.median(image[opacity]))
-    image_low, image_high = np.percentile(image, [IMAGE_LOW_PERCENTILE, IMAGE_HIGH_PERCENTILE])
+    image_low, image_high = image_percentile_range(image) if image_range is None else image_range
     clear_median = float(np.median(image[clear_lung])) if clear_lung.any() else math.inf
     if clear_median < image_high:
         dense = (opacity_median - clear_median) / (image_high - clear_median) >= CONSOLIDATION_MIN_RELATIVE_DENSITY
@@ -133,8 +137,9 @@ def compute_severity(
         right_degree = left_degree = opacity_score = None
     else:
         clear_lung = lung & ~opacity
-        right_degree = opacity_degree(image, right_lung, opacity, clear_lung)
-        left_degree = opacity_degree(image, left_lung, opacity, clear_lung)
+        image_range = image_percentile_range(image)
+        right_degree = opacity_degree(image, right_lung, opacity, clear_lung, image_range)
+        left_degree = opacity_degree(image, left_lung, opacity, clear_lung, image_range)
         opacity_score = right_degree + left_degree
     result.update(right_opacity_degree=right_degree, left_opacity_degree=left_degree, opacity_score=opacity_score)
 
@@ -149,6 +154,12 @@ def compute_severity(
             lung_area_cm2=round(lung_area * pixel_cm2, 2), opacity_area_cm2=round(opacity_area * pixel_cm2, 2)
         )
     return result
+
+
+def image_percentile_range(image: np.ndarray) -> tuple[float, float]:
+    """The image's (p5, p95) intensities, the reference range of the opacity density."""
+    low, high = np.percentile(image, [IMAGE_LOW_PERCENTILE, IMAGE_HIGH_PERCENTILE])
+    return float(low), float(high)
 
 
 def _percent(part: int, whole: int) -> float:

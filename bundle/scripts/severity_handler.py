@@ -9,11 +9,13 @@ file; files of inputs not processed by this run are never touched. Rows stream t
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from monai.utils import min_version, optional_import
@@ -54,12 +56,17 @@ CSV_COLUMNS = [
 class SeverityWriter:
     """Write masks, overlays and the severity table of every image an evaluator processes.
 
+    The figures and files of each image are computed on a background thread while the network runs on the next
+    batch; rows still reach ``severity.csv`` in input order, and at most ``max_pending`` images wait at a time, so
+    memory stays flat however many images a run has.
+
     Args:
         output_dir: folder for the per-image folders, ``severity.csv`` and ``severity.json``.
         settings: run settings recorded in ``severity.json`` (model version, device, ...).
         write_images: write the mask and overlay PNGs (the evaluate workflow only needs the table).
         min_lung_fraction: a prediction whose lung field covers less of the image is reported as "no lung found".
         fail_if_none_ok: raise at the end when no input could be processed, so the command exits non-zero.
+        max_pending: images handed to the background thread and not yet written, at most.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class SeverityWriter:
         write_images: bool = True,
         min_lung_fraction: float = 0.02,
         fail_if_none_ok: bool = True,
+        max_pending: int = 4,
         pred_key: str = "pred",
         image_key: str = "image",
         display_key: str = "display",
@@ -78,9 +86,13 @@ class SeverityWriter:
         self.write_images = write_images
         self.min_lung_fraction = min_lung_fraction
         self.fail_if_none_ok = fail_if_none_ok
+        self.max_pending = max(1, int(max_pending))
         self.pred_key, self.image_key, self.display_key = pred_key, image_key, display_key
         self.logger = logging.getLogger(self.__class__.__name__)
         self.rows: list[dict] = []
+        self._stems_in_use: set[str] = set()
+        self._pending: collections.deque = collections.deque()
+        self._executor = None
         self._csv_handle = None
         self._csv_writer = None
         self._partial_csv = os.path.join(output_dir, ".severity.csv.partial")
@@ -92,26 +104,51 @@ class SeverityWriter:
 
     def start(self, engine=None) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        self.rows = []
+        self.rows, self._stems_in_use = [], set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="severity")
         self._csv_handle = open(self._partial_csv, "w", newline="", encoding="utf-8")
         self._csv_writer = csv.DictWriter(self._csv_handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         self._csv_writer.writeheader()
 
     def iteration_completed(self, engine) -> None:
         for batch_item, output_item in zip(engine.state.batch, engine.state.output):
-            self.add(output_item[self.image_key], output_item[self.pred_key], batch_item.get(self.display_key))
+            job = self._job(output_item[self.image_key], output_item[self.pred_key], batch_item.get(self.display_key))
+            self._pending.append(self._executor.submit(self._evaluate, *job))
+            while len(self._pending) > self.max_pending:
+                self._record(self._pending.popleft().result())
 
     def add(self, image, class_map, display=None) -> dict:
-        """Score one image from its network input (for the meta data) and its full-size class map."""
+        """Score one image from its network input (for the meta data) and its full-size class map, now."""
+        return self._record(self._evaluate(*self._job(image, class_map, display)))
+
+    def _job(self, image, class_map, display) -> tuple:
+        """What the background thread needs, as numpy arrays detached from the engine's tensors."""
         meta = image.meta
         path = str(meta["filename_or_obj"])
         row = {"image": os.path.basename(path), "status": "error", "message": str(meta.get("error", "") or "")}
+        classes = np.asarray(class_map)
+        classes = classes.reshape(classes.shape[-2:]).astype(np.uint8)
+        rows, columns = classes.shape
+        grey = None if display is None else np.asarray(display)[0, :rows, :columns].copy()
+        spacing = tuple(float(value) for value in meta.get("spacing_mm", (math.nan, math.nan)))
+        if not row["message"] and self.write_images:
+            stem = file_stem(path)
+            if stem in self._stems_in_use:
+                row["message"] = f"{path}: another input of this run already writes outputs for the name {stem!r}"
+            self._stems_in_use.add(stem)
+        return path, row, classes, grey, spacing
+
+    def _evaluate(self, path: str, row: dict, classes: np.ndarray, grey, spacing) -> dict:
+        """The row of one image: its figures, or the reason it has none (runs on the background thread)."""
         if not row["message"]:
             try:
-                row.update(self._score(path, meta, class_map, display))
+                row.update(self._score(path, classes, grey, spacing))
                 row.update(status="ok", message="")
             except (NoLungFoundError, OSError, ValueError) as error:
                 row["message"] = f"{path}: {error}"
+        return row
+
+    def _record(self, row: dict) -> dict:
         if row["status"] == "error":
             self.logger.warning(row["message"])
         self.rows.append(row)
@@ -119,9 +156,7 @@ class SeverityWriter:
         self._csv_handle.flush()
         return row
 
-    def _score(self, path: str, meta, class_map, display) -> dict:
-        classes = np.asarray(class_map)
-        classes = classes.reshape(classes.shape[-2:]).astype(np.uint8)
+    def _score(self, path: str, classes: np.ndarray, grey, spacing) -> dict:
         rows, columns = classes.shape
         lung = classes != BACKGROUND
         opacity = classes == OPACITY
@@ -130,8 +165,6 @@ class SeverityWriter:
                 f"no lung field found (predicted lung covers {100 * lung.mean():.2f} % of the image); "
                 "is it a frontal chest radiograph?"
             )
-        grey = None if display is None else np.asarray(display)[0, :rows, :columns]
-        spacing = tuple(float(value) for value in meta.get("spacing_mm", (math.nan, math.nan)))
         spacing = spacing if all(math.isfinite(value) and value > 0 for value in spacing) else None
         figures = compute_severity(lung, opacity, image=grey, spacing_mm=spacing)
         figures.update(rows=rows, columns=columns, pixel_spacing_mm="" if spacing is None else f"{spacing[0]}x{spacing[1]}")
@@ -141,8 +174,6 @@ class SeverityWriter:
 
     def _write_images(self, path: str, lung, opacity, grey, figures: dict) -> None:
         stem = file_stem(path)
-        if any(file_stem(row["image"]) == stem and row["status"] == "ok" for row in self.rows):
-            raise ValueError(f"another input of this run already wrote outputs for the name {stem!r}")
         folder = os.path.join(self.output_dir, stem)
         write_png(os.path.join(folder, f"{stem}_lung.png"), lung.astype(np.uint8) * 255)
         write_png(os.path.join(folder, f"{stem}_opacity.png"), opacity.astype(np.uint8) * 255)
@@ -154,6 +185,9 @@ class SeverityWriter:
             write_png(os.path.join(folder, f"{stem}_overlay.png"), draw_overlay(grey, lung, opacity, caption))
 
     def completed(self, engine=None) -> None:
+        while self._pending:
+            self._record(self._pending.popleft().result())
+        self._executor.shutdown()
         self._csv_handle.close()
         os.replace(self._partial_csv, os.path.join(self.output_dir, "severity.csv"))
         summary = {"settings": self.settings, "images": self.rows}

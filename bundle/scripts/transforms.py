@@ -97,6 +97,27 @@ class ResizeToOriginald(MapTransform):
         return d
 
 
+class MostProbableClassd(MapTransform):
+    """Replace (classes, H, W) probabilities in ``keys`` by the (1, H, W) index of the most probable class.
+
+    Gives what ``AsDiscreted(argmax=True)`` gives (the lowest index wins a tie) with one pass per class, which is
+    many times faster than ``torch.argmax`` over the channel axis of a large image on a CPU.
+    """
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            probabilities = d[key]
+            best = probabilities[0].clone()
+            classes = torch.zeros_like(best)
+            for index in range(1, probabilities.shape[0]):
+                more_probable = probabilities[index] > best
+                classes[more_probable] = index
+                best = torch.maximum(best, probabilities[index])
+            d[key] = classes[None]
+        return d
+
+
 class LoadLabelMapd(MapTransform):
     """Load each key's label map as a (1, rows, columns) float32 MetaTensor with the bundle's label values."""
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Export the bundle's network with its weights to ONNX, for ONNX Runtime or other serving tools.
+
+The model takes one (1, 1, size, size) float image scaled as the bundle's preprocessing does and returns
+(1, 3, size, size) logits (background, lung, opacity). The bundle's inference uses the same export, in memory, when
+it runs on ONNX Runtime (``runtime: onnxruntime``).
+
+Example:
+  python scripts/export_onnx.py --checkpoint bundle/models/model.pt --output outputs/model.onnx --size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
+
+from monai.networks.nets import FlexibleUNet  # noqa: E402
+from scripts.onnx_runtime import export_onnx  # noqa: E402
+from ship_model import state_dict_of  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="bundle/models/model.pt", help="shipped weights or a training checkpoint")
+    parser.add_argument("--output", required=True, help="the .onnx file to write (an existing file is refused)")
+    parser.add_argument("--size", type=int, default=224, help="image rows and columns the model is exported for")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.output):
+        parser.error(f"{args.output} exists; give another --output (nothing is overwritten)")
+    network = FlexibleUNet(spatial_dims=2, in_channels=1, out_channels=3, backbone="resnet18", pretrained=False)
+    weights = state_dict_of(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    network.load_state_dict({key: value.float() for key, value in weights.items()})
+    export_onnx(network, args.output, shape=(1, args.size, args.size))
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MB): input 'image' (1, 1, {args.size}, "
+          f"{args.size}), output 'logits' (1, 3, {args.size}, {args.size})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
