@@ -196,6 +196,18 @@ def test_no_usable_file_or_no_folder_exits_non_zero(phantom_model, tmp_path):
     assert result.returncode != 0 and "does not exist" in result.stderr
 
 
+def test_most_probable_class_matches_monai_argmax_ties_included():
+    import torch
+    from monai.transforms import AsDiscreted
+    from scripts.transforms import MostProbableClassd
+
+    probabilities = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    probabilities[:, :5] = 0.5  # three-way ties
+    probabilities[2, 5:10] = probabilities[1, 5:10]  # ties between lung and opacity
+    expected = AsDiscreted(keys="pred", argmax=True)({"pred": probabilities})["pred"]
+    assert torch.equal(MostProbableClassd(keys="pred")({"pred": probabilities})["pred"], expected)
+
+
 def test_onnx_export_gives_the_pytorch_outputs(phantom_model, tmp_path):
     """scripts/export_onnx.py writes a model whose ONNX Runtime logits equal PyTorch's; so does the in-memory runtime."""
     import export_onnx

@@ -51,8 +51,7 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre_column = (lung.shape[1] - 1) / 2
 
     if len(big) >= 2:
-        first, second = big[0], big[1]
-        right_label, left_label = (first, second) if centroid_columns[first - 1] < centroid_columns[second - 1] else (second, first)
+        right_label, left_label = sorted(big[:2], key=lambda label: centroid_columns[label - 1])
         return _split_two_lungs(components, labels, right_label, left_label)
 
     main = components == big[0]
