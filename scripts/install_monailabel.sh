@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Optional: create .venv-monailabel and install MONAI Label 0.8.5 with the bundle's dependencies
-# (requirements-monailabel.txt). About 3 minutes and 3.7 GB here (CPU torch from the local wheel); .venv is untouched.
+# (requirements-monailabel.txt): about 2-4 minutes and 8.2 GB here (CUDA torch from the local wheel cache); .venv is
+# untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -48,10 +48,14 @@ class Server:
     log_file: Path
 
 
-def sample_app(python: Path = MONAILABEL_PYTHON) -> Path:
-    """The ``monaibundle`` sample app installed with monailabel in the environment of ``python``."""
+def check_python(python: Path) -> None:
     if not Path(python).is_file():
         raise FileNotFoundError(f"MONAI Label environment not found ({python}): run bash scripts/install_monailabel.sh")
+
+
+def sample_app(python: Path = MONAILABEL_PYTHON) -> Path:
+    """The ``monaibundle`` sample app installed with monailabel in the environment of ``python``."""
+    check_python(python)
     probe = "import os, sys, monailabel; print(sys.prefix); print(os.path.dirname(monailabel.__file__))"
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -86,23 +90,25 @@ def _replace_link(link: Path, target: Path) -> None:
 def write_served_configs(bundle: Path, configs: Path, overrides: dict | None = None) -> None:
     """Fill ``configs`` with links to the bundle's config files; with ``overrides``, inference.yaml and train.yaml
     are copies whose existing top-level keys take the given values (e.g. ``image_size`` for a model trained at 64)."""
+    overridden = {}
+    if overrides:
+        import yaml
+
+        overridden = {name: yaml.safe_load((bundle / "configs" / name).read_text()) for name in OVERRIDABLE_CONFIGS}
+        unknown = [key for key in overrides if not any(key in config for config in overridden.values())]
+        if unknown:
+            raise ValueError(f"override keys not in {' or '.join(OVERRIDABLE_CONFIGS)}: {', '.join(unknown)}")
+        for config in overridden.values():
+            config.update({key: value for key, value in overrides.items() if key in config})
     configs.mkdir(parents=True, exist_ok=True)
     for source in sorted((bundle / "configs").iterdir()):
         served = configs / source.name
-        if overrides and source.name in OVERRIDABLE_CONFIGS:
-            import yaml
-
-            config = yaml.safe_load(source.read_text())
-            config.update({key: value for key, value in overrides.items() if key in config})
+        if source.name in overridden:
             if served.is_symlink() or served.exists():
                 served.unlink()
-            served.write_text(yaml.safe_dump(config, sort_keys=False, width=120))
+            served.write_text(yaml.safe_dump(overridden[source.name], sort_keys=False, width=120))
         else:
             _replace_link(served, source)
-    unknown = [key for key in (overrides or {}) if not any(
-        key in (bundle / "configs" / name).read_text() for name in OVERRIDABLE_CONFIGS)]  # fmt: skip
-    if unknown:
-        raise ValueError(f"override keys not found in {' or '.join(OVERRIDABLE_CONFIGS)}: {', '.join(unknown)}")
 
 
 def prepare_app(workdir: Path = DEFAULT_WORKDIR, bundle: Path = BUNDLE, weights: Path | None = None,
@@ -183,6 +189,7 @@ def start_server(studies: Path, port: int, workdir: Path = DEFAULT_WORKDIR, host
                  model_name: str = MODEL_NAME, python: Path = MONAILABEL_PYTHON, timeout: float = 180.0) -> Server:
     """Prepare the app, start the server in its own process group (log: ``<workdir>/server.log``), wait until it
     answers; the caller stops it with :func:`stop_server`."""
+    check_python(python)
     studies = Path(studies).resolve()
     if not studies.is_dir():
         raise FileNotFoundError(f"studies folder {studies} does not exist")
