@@ -11,6 +11,7 @@ import copy
 import functools
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ OPSET = 17
 def onnx_bytes(network: torch.nn.Module, shape: tuple[int, int, int]) -> bytes:
     """The network as an ONNX model for one image of ``shape`` (channels, rows, columns), exported on the CPU.
 
-    The shape is fixed: the traced encoder pads its shortcuts with tensors of the traced size, so a model exported
-    for one batch or image size does not run on another.
+    The shape is fixed (the tracer records the sizes it sees), so :class:`OnnxRuntimeNetwork` opens one session per
+    image shape it is called with.
     """
     network = traceable_copy(network).to("cpu").eval()
     example = torch.zeros(1, *shape)
@@ -64,7 +65,7 @@ def export_onnx(network: torch.nn.Module, path: str, shape: tuple[int, int, int]
     from scripts.label_io import atomic_write
 
     model = onnx_bytes(network, shape)
-    atomic_write(path, lambda temporary: open(temporary, "wb").write(model))
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(model))
     return path
 
 
