@@ -11,7 +11,8 @@ Inputs (any combination):
 
 Writes into --output: labels/<stem>.png (0 background, 1 clear lung, 2 opacity, 3 lung without opacity
 annotation), images/ for LabelMe-embedded images, datalist.json (training / validation split by patient with
---seed) and preparation_report.json. Input files are only read. Bad files are reported by name and skipped.
+--seed; --repeat-labelme lists the few opacity-annotated training images several times) and
+preparation_report.json. Input files are only read. Bad files are reported by name and skipped.
 
 Example:
   python scripts/prepare_data.py --images ../shared/data/cohen-cxr/images \
@@ -68,7 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="folder for label maps and datalist.json")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="fraction of patients held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
-    parser.add_argument("--split-from", help="datalist.json whose validation patients are held out again")
+    parser.add_argument(
+        "--split-from", help="datalist.json whose validation patients (LabelMe ones aside) are held out again"
+    )
     parser.add_argument("--opacity-folds", type=int, default=2, help="folds over the LabelMe-annotated patients")
     parser.add_argument(
         "--holdout-opacity-fold",
@@ -76,7 +79,16 @@ def parse_args(argv=None):
         default=-1,
         help="put this fold of LabelMe-annotated patients in validation (-1: all of them train)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--repeat-labelme",
+        type=int,
+        default=1,
+        help="list each training image with LabelMe opacity annotation this many times (oversampling the few)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat_labelme < 1:
+        parser.error("--repeat-labelme must be at least 1")
+    return args
 
 
 def list_images(folder: str | None) -> dict[str, str]:
@@ -200,6 +212,9 @@ def collect_samples(args, report: dict) -> list[dict]:
 def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]:
     """Held-out patients go to validation; LabelMe patients are split by opacity fold.
 
+    With --split-from, the other validation patients are those of the earlier datalist (LabelMe patients still follow
+    --holdout-opacity-fold), so a model fine-tuned on the new datalist is validated on patients it never saw.
+
     Lower-trust extra masks only ever train: those of patients with validation images are left out, so no patient is
     in both.
     """
@@ -212,11 +227,17 @@ def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]
     validation_patients = set(other_patients[: int(round(args.val_fraction * len(other_patients)))]) | holdout
     if args.split_from:  # keep the validation patients of an earlier datalist (e.g. to fine-tune a model)
         with open(args.split_from, encoding="utf-8") as handle:
-            validation_patients = {item["patient_id"] for item in json.load(handle)["validation"]}
+            earlier = {item["patient_id"] for item in json.load(handle)["validation"]}
+        validation_patients = (earlier - set(labelme_patients)) | holdout
     validation = [s for s in samples if s["patient_id"] in validation_patients and s["source"] != "extra_mask"]
     validated = {s["patient_id"] for s in validation}
     training = [s for s in samples if s["patient_id"] not in validated and s not in validation]
     return training, validation
+
+
+def oversample_labelme(training: list[dict], repeat: int) -> list[dict]:
+    """The training list with each LabelMe-annotated sample listed ``repeat`` times, in place of once."""
+    return [copy for sample in training for copy in [sample] * (repeat if sample["source"] == "labelme" else 1)]
 
 
 def main(argv=None) -> int:
@@ -239,11 +260,13 @@ def main(argv=None) -> int:
         sample["label"] = os.path.relpath(label_path, output)
         sample["image"] = os.path.abspath(sample["image"])
     training, validation = split_by_patient(samples, args)
+    training = oversample_labelme(training, args.repeat_labelme)
     datalist = {"training": training, "validation": validation}
     atomic_write(os.path.join(output, "datalist.json"), lambda tmp: _write_json(tmp, datalist))
     report.update(
         used=len(samples),
         training=len(training),
+        training_unique=len({s["stem"] for s in training}),
         validation=len(validation),
         opacity_annotated=sum(s["source"] == "labelme" for s in samples),
         seed=args.seed,
@@ -253,7 +276,7 @@ def main(argv=None) -> int:
         print(f"skipped {skipped['file']}: {skipped['reason']}")
     print(
         f"used {len(samples)} images ({report['opacity_annotated']} with opacity annotation): "
-        f"{len(training)} training, {len(validation)} validation; skipped {len(report['skipped'])}; "
+        f"{len(training)} training ({report['training_unique']} distinct), {len(validation)} validation; skipped {len(report['skipped'])}; "
         f"{len(report['unlabelled'])} without any label; datalist: {os.path.join(output, 'datalist.json')}"
     )
     return 0 if samples else 1

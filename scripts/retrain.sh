@@ -1,49 +1,67 @@
 #!/usr/bin/env bash
 # Retrain the shipped model from ../shared/data-style inputs with the shipped recipe and a fixed seed.
-#   bash scripts/retrain.sh [DATA_ROOT]
+#   bash scripts/retrain.sh [DATA_ROOT]                      # base + fine-tune on every annotation, shipped
+#   FOLDS="0 1 all" bash scripts/retrain.sh [DATA_ROOT]      # the same with the 2-fold cross-validation first
 # DATA_ROOT holds cohen-cxr/{images,lung_masks,lung_masks_lungvae,metadata.csv} and opacity-labelme/.
-# Stage 1 (45 epochs from scratch): lung masks with opacity not annotated, LabelMe opacity of the training fold,
-#   synthetic opacities.
-# Stage 2 (12 epochs, fine-tuning stage 1 at a lower learning rate): the same data plus clear-lung examples: images
-#   whose finding is "No Finding", their lungs from the V7 masks or, where none exists, from stage 1's prediction.
-# The validation patients stay the same in both stages. Interrupted? Run again: each stage continues from its last
-# checkpoint. The final checkpoint of stage 2 is shipped (fp16) into bundle/models/model.pt.
+# Base (26 epochs from scratch): every lung mask (opacity not annotated) and synthetic opacities; every patient with
+#   LabelMe opacity annotations is held out.
+# Pseudo-labels: the base model's lung fields of the unlabelled "No Finding" radiographs, taken as clear lung.
+# Fine-tune (10 epochs from the base, lower learning rate): the same data, the clear lungs, and the LabelMe
+#   annotations of the training folds listed 6 times per epoch. Fold k holds out the LabelMe patients of fold k and
+#   is evaluated on them (runs/cv_fold<k>); "all" trains on every annotation and is shipped into
+#   bundle/models/model.pt (fp16). Fine-tunes keep the base's other validation patients.
+# Interrupted? Run again: each training continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${1:-../shared/data}
 COHEN=$DATA_ROOT/cohen-cxr
-HOLDOUT_FOLD=${HOLDOUT_FOLD:-0}   # opacity-annotated patients of this fold validate; -1 trains on all of them
+FOLDS=${FOLDS:-all}
+PYTHON=.venv/bin/python
 BUNDLE_ARGS=(--meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf --bundle_root bundle)
 PREPARE_ARGS=(--images "$COHEN/images" --masks "$COHEN/lung_masks" --labelme "$DATA_ROOT/opacity-labelme"
-    --metadata "$COHEN/metadata.csv" --seed 0 --holdout-opacity-fold "$HOLDOUT_FOLD")
+    --metadata "$COHEN/metadata.csv" --seed 0)
 
-.venv/bin/python scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
-    --output data/stage1
-.venv/bin/python -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
-    --dataset_dir data/stage1 --run_name stage1 --output_dir runs/stage1 --num_epochs 45 --seed 0
+$PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
+    --opacity-folds 1 --holdout-opacity-fold 0 --output data/base
+$PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+    --dataset_dir data/base --run_name base --output_dir runs/base --num_epochs 26 --seed 0
 
-# lung masks of the unlabelled "No Finding" radiographs, predicted by stage 1
-mkdir -p data/no_finding data/stage1_lungs
-.venv/bin/python - "$COHEN" <<'PY'
+# lung fields of the unlabelled "No Finding" radiographs, predicted by the base model
+mkdir -p data/no_finding data/base_lungs
+$PYTHON - "$COHEN" <<'PY'
 import csv, json, os, sys
 cohen = sys.argv[1]
-unlabelled = {os.path.basename(path) for path in json.load(open("data/stage1/preparation_report.json"))["unlabelled"]}
+unlabelled = {os.path.basename(path) for path in json.load(open("data/base/preparation_report.json"))["unlabelled"]}
 for row in csv.DictReader(open(os.path.join(cohen, "metadata.csv"))):
     target = os.path.join("data/no_finding", row["filename"])
     if row["finding"] == "No Finding" and row["filename"] in unlabelled and not os.path.exists(target):
         os.symlink(os.path.abspath(os.path.join(cohen, "images", row["filename"])), target)
 PY
-.venv/bin/python -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file bundle/configs/inference.yaml \
-    --dataset_dir data/no_finding --output_dir data/no_finding_predictions --ckpt_path runs/stage1/model.pt
+$PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file bundle/configs/inference.yaml \
+    --dataset_dir data/no_finding --output_dir data/no_finding_predictions --ckpt_path runs/base/model.pt
 for folder in data/no_finding_predictions/*/; do
     stem=$(basename "$folder")
-    cp "$folder/${stem}_lung.png" "data/stage1_lungs/$stem.png"
+    cp "$folder/${stem}_lung.png" "data/base_lungs/$stem.png"
 done
 
-.venv/bin/python scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
-    --extra-masks data/stage1_lungs --clear-finding "No Finding" --split-from data/stage1/datalist.json \
-    --output data/stage2
-.venv/bin/python -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
-    --dataset_dir data/stage2 --run_name stage2 --output_dir runs/stage2 --num_epochs 12 --learning_rate 0.0003 \
-    --init_checkpoint runs/stage1/model.pt --seed 0
-.venv/bin/python scripts/ship_model.py --checkpoint runs/stage2/model_final.pt --output bundle/models/model.pt
+for fold in $FOLDS; do
+    holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
+    $PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
+        --extra-masks data/base_lungs --clear-finding "No Finding" --split-from data/base/datalist.json \
+        --opacity-folds 2 --holdout-opacity-fold "$holdout" --repeat-labelme 6 --output "data/fold_$fold"
+    $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+        --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
+        --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0
+    if [ "$fold" = all ]; then
+        $PYTHON scripts/ship_model.py --checkpoint runs/fold_all/model_final.pt --output bundle/models/model.pt
+    else  # the final checkpoint on the held-out fold (and the other validation patients), full resolution
+        $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
+            --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
+            --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
+    fi
+done
+cv_runs=()
+for fold in $FOLDS; do [ "$fold" = all ] || cv_runs+=("runs/cv_fold$fold"); done
+if [ ${#cv_runs[@]} -gt 0 ]; then
+    $PYTHON scripts/cv_summary.py "${cv_runs[@]}" --output runs/cv_summary.json
+fi

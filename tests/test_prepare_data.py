@@ -140,6 +140,33 @@ def test_prepare_data_labels_and_split(phantom_dataset, tmp_path):
                                                                        for s in datalist[part]]
 
 
+def test_prepare_data_oversamples_labelme_training_images_only(phantom_dataset, tmp_path):
+    code, datalist, report = run_prepare(phantom_dataset, tmp_path / "out", extra=("--repeat-labelme", "3"))
+    assert code == 0
+    counts = {}
+    for sample in datalist["training"]:
+        counts[stem(sample)] = counts.get(stem(sample), 0) + 1
+    for sample in datalist["training"]:
+        assert counts[stem(sample)] == (3 if sample["source"] == "labelme" else 1)
+    assert any(sample["source"] == "labelme" for sample in datalist["training"])
+    assert report["training_unique"] == len(counts) and report["training"] == sum(counts.values())
+    validation = [stem(sample) for sample in datalist["validation"]]
+    assert len(validation) == len(set(validation)) and not set(validation) & set(counts)
+
+
+def test_prepare_data_split_from_keeps_validation_patients_and_moves_labelme_by_fold(phantom_dataset, tmp_path):
+    hold_all = ("--opacity-folds", "1", "--holdout-opacity-fold", "0")
+    _, base, _ = run_prepare(phantom_dataset, tmp_path / "base", extra=hold_all)
+    labelme_patients = {s["patient_id"] for s in base["validation"] if s["source"] == "labelme"}
+    assert len(labelme_patients) == 2 and not any(s["source"] == "labelme" for s in base["training"])
+
+    split_from = ("--split-from", str(tmp_path / "base" / "datalist.json"))
+    _, tuned, _ = run_prepare(phantom_dataset, tmp_path / "tuned", extra=split_from)  # every LabelMe patient trains
+    patients = lambda part: {s["patient_id"] for s in part}  # noqa: E731
+    assert patients(tuned["validation"]) == patients(base["validation"]) - labelme_patients
+    assert labelme_patients <= patients(tuned["training"])
+
+
 def test_prepare_data_skips_bad_files_by_name(phantom_dataset, tmp_path):
     root = tmp_path / "data"  # a copy: the session dataset stays intact
     shutil.copytree(phantom_dataset.root, root)
