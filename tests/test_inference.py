@@ -250,3 +250,16 @@ def test_batched_pytorch_run_gives_the_masks_of_the_single_image_onnx_run(mixed_
             assert agreement > 0.999, (row["image"], kind, agreement)
             compared += 1
     assert compared >= 16
+
+
+def test_overlays_can_be_left_out(mixed_folder_run, phantom_model, tmp_path):
+    """--write_overlays false writes the same masks and table, and no overlay PNG."""
+    folder, full_output, _, _ = mixed_folder_run
+    result = infer(folder, tmp_path, phantom_model, "--write_overlays", "false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_rows(tmp_path) == read_rows(full_output)
+    ok = [row["image"].split(".")[0] for row in read_rows(tmp_path) if row["status"] == "ok"]
+    assert ok and not list(tmp_path.glob("*/*_overlay.png"))
+    for stem in ok:
+        for kind in ("lung", "opacity"):
+            np.testing.assert_array_equal(mask(tmp_path, stem, kind), mask(full_output, stem, kind))

@@ -64,6 +64,7 @@ class SeverityWriter:
         output_dir: folder for the per-image folders, ``severity.csv`` and ``severity.json``.
         settings: run settings recorded in ``severity.json`` (model version, device, ...).
         write_images: write the mask and overlay PNGs (the evaluate workflow only needs the table).
+        write_overlays: with ``write_images``, also draw and write the overlay PNG (False: masks only, faster).
         min_lung_fraction: a prediction whose lung field covers less of the image is reported as "no lung found".
         fail_if_none_ok: raise at the end when no input could be processed, so the command exits non-zero.
         max_pending: images handed to the background thread and not yet written, at most.
@@ -74,6 +75,7 @@ class SeverityWriter:
         output_dir: str,
         settings: dict | None = None,
         write_images: bool = True,
+        write_overlays: bool = True,
         min_lung_fraction: float = 0.02,
         fail_if_none_ok: bool = True,
         max_pending: int = 4,
@@ -84,6 +86,7 @@ class SeverityWriter:
         self.output_dir = output_dir
         self.settings = dict(settings or {})
         self.write_images = write_images
+        self.write_overlays = _as_bool(write_overlays, "write_overlays")
         self.min_lung_fraction = min_lung_fraction
         self.fail_if_none_ok = fail_if_none_ok
         self.max_pending = max(1, int(max_pending))
@@ -177,7 +180,7 @@ class SeverityWriter:
         folder = os.path.join(self.output_dir, stem)
         write_png(os.path.join(folder, f"{stem}_lung.png"), lung.astype(np.uint8) * 255)
         write_png(os.path.join(folder, f"{stem}_opacity.png"), opacity.astype(np.uint8) * 255)
-        if grey is not None:
+        if grey is not None and self.write_overlays:
             caption = (
                 f"opacity {figures['opacity_pct']:.1f}% of lung  "
                 f"(R {figures['right_opacity_pct']:.1f}%  L {figures['left_opacity_pct']:.1f}%)"
@@ -198,6 +201,15 @@ class SeverityWriter:
         )
         if self.fail_if_none_ok and succeeded == 0:
             raise RuntimeError(f"none of the {len(self.rows)} input files could be processed; see the messages above")
+
+
+def _as_bool(value, name: str) -> bool:
+    """A flag given as a bool or, from the command line (``--write_overlays false``), as true/false text."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false"):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value.strip().lower() == "true"
+    return bool(value)
 
 
 def _csv_value(value):
