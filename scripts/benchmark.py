@@ -5,7 +5,8 @@
    mode) and on ONNX Runtime, and the images/s of a bare PyTorch training loop (same network, loss, optimiser, batch
    and size, data already in memory).
 2. Bundle: end-to-end inference time per image through the documented inference command (files to masks and CSV;
-   process start-up reported separately), and the images/s of the bundle's SupervisedTrainer on the same data.
+   process start-up reported separately; also without the overlay PNGs), and the images/s of the bundle's
+   SupervisedTrainer on the same data.
 3. Ratios bundle / floor (the floor of the runtime the bundle uses: ONNX Runtime on a CPU, PyTorch on CUDA), and the
    peak resident memory of inference over 50 and over 200 images.
 
@@ -127,10 +128,10 @@ PEAK_MEMORY_WRAPPER = (
 )
 
 
-def bundle_inference(folder: str, output: str) -> dict:
+def bundle_inference(folder: str, output: str, *options: str) -> dict:
     """Run the documented inference command; return wall, engine and start-up seconds and its peak memory."""
     command = bundle_command("run", "--config_file", os.path.join(BUNDLE, "configs", "inference.yaml"),
-                             "--dataset_dir", folder, "--output_dir", output)  # fmt: skip
+                             "--dataset_dir", folder, "--output_dir", output, *options)  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", PEAK_MEMORY_WRAPPER, *command], capture_output=True, text=True, cwd=ROOT, check=False
@@ -201,6 +202,10 @@ def main(argv=None) -> int:
         figures["bundle_inference_s_per_image"] = run["engine_s"] / args.count
         figures["bundle_startup_s"] = run["startup_s"]
         figures["peak_rss_mb_inference_small"] = run["peak_rss_mb"]
+        masks_only = bundle_inference(
+            os.path.dirname(images[0]), os.path.join(work, "masks_only"), "--write_overlays", "false"
+        )
+        figures["bundle_inference_no_overlays_s_per_image"] = masks_only["engine_s"] / args.count
         many = input_images(os.path.join(work, "inputs_many"), args.memory_count)
         figures["peak_rss_mb_inference_large"] = bundle_inference(
             os.path.dirname(many[0]), os.path.join(work, "outputs_many")
@@ -208,9 +213,10 @@ def main(argv=None) -> int:
         figures["bundle_training_images_per_s"] = bundle_training(
             images[: args.train_images], os.path.join(work, "train"), args.size, args.batch
         )
-        figures["inference_ratio_bundle_over_floor"] = (
-            figures["bundle_inference_s_per_image"] / figures["floor_inference_s_per_image"]
-        )
+        for run_name in ("", "_no_overlays"):
+            figures[f"inference{run_name}_ratio_bundle_over_floor"] = (
+                figures[f"bundle_inference{run_name}_s_per_image"] / figures["floor_inference_s_per_image"]
+            )
         figures["training_ratio_bundle_over_floor"] = (
             figures["bundle_training_images_per_s"] / figures["floor_training_images_per_s"]
         )
@@ -226,6 +232,8 @@ def main(argv=None) -> int:
     rows = [
         ("inference, s per image", figures["floor_inference_s_per_image"], figures["bundle_inference_s_per_image"],
          figures["inference_ratio_bundle_over_floor"]),
+        ("  without overlays", figures["floor_inference_s_per_image"],
+         figures["bundle_inference_no_overlays_s_per_image"], figures["inference_no_overlays_ratio_bundle_over_floor"]),
         ("training, images per s", figures["floor_training_images_per_s"], figures["bundle_training_images_per_s"],
          figures["training_ratio_bundle_over_floor"]),
     ]  # fmt: skip

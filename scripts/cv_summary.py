@@ -44,7 +44,9 @@ def fold_figures(rows: list[dict]) -> dict:
         "opacity_dice": mean([float(row["opacity_dice"]) for row in annotated]),
         "opacity_dice_where_annotated_opacity": mean([float(row["opacity_dice"]) for row in with_opacity]),
         "extent_mae": mean([float(row["extent_abs_error"]) for row in annotated]),
-        "opacity_pct_mae": mean([abs(float(row["pred_opacity_pct"]) - float(row["label_opacity_pct"])) for row in annotated]),
+        "opacity_pct_mae": mean(
+            [abs(float(row["pred_opacity_pct"]) - float(row["label_opacity_pct"])) for row in annotated]
+        ),
         "validation_images": len(rows),
         "lung_dice": mean([float(row["lung_dice"]) for row in rows if row["lung_dice"] != ""]),
     }
