@@ -80,6 +80,12 @@ def parse_args(argv=None):
         help="put this fold of LabelMe-annotated patients in validation (-1: all of them train)",
     )
     parser.add_argument(
+        "--labelme-lungs-from-masks",
+        action="store_true",
+        help="training LabelMe images that also have a --masks lung mask take their lung field from the mask (LabelMe "
+        "opacity inside it; mask lung outside the LabelMe lungs as lung without opacity annotation)",
+    )
+    parser.add_argument(
         "--repeat-labelme",
         type=int,
         default=1,
@@ -188,6 +194,8 @@ def collect_samples(args, report: dict) -> list[dict]:
             if shape != annotation.lung.shape:
                 raise RadiographError(json_path, f"annotated size {annotation.lung.shape} differs from image {shape}")
             samples[stem] = {"image": image_path, "labels": annotation.label_map(), "source": "labelme"}
+            if args.labelme_lungs_from_masks and stem in masks:
+                samples[stem]["lung_mask"] = masks[stem]
         except RadiographError as error:
             report["skipped"].append({"file": error.path, "reason": error.problem})
 
@@ -235,6 +243,18 @@ def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]
     return training, validation
 
 
+def lungs_from_mask(labelme_labels: np.ndarray, mask_path: str) -> np.ndarray:
+    """A LabelMe label map moved onto the lung field of a lung mask (used where their lung outlines differ).
+
+    Inside both lung outlines the LabelMe classes stay (clear lung, opacity); lung of the mask outside the LabelMe
+    lungs becomes lung whose opacity is not annotated; LabelMe lung outside the mask becomes background.
+    """
+    labels = lung_mask_label_map(mask_path, labelme_labels.shape)
+    inside_both = (labels == LUNG_UNANNOTATED) & (labelme_labels != BACKGROUND)
+    labels[inside_both] = labelme_labels[inside_both]
+    return labels
+
+
 def oversample_labelme(training: list[dict], repeat: int) -> list[dict]:
     """The training list with each LabelMe-annotated sample listed ``repeat`` times, in place of once."""
     return [copy for sample in training for copy in [sample] * (repeat if sample["source"] == "labelme" else 1)]
@@ -253,13 +273,21 @@ def main(argv=None) -> int:
     report = {"skipped": [], "unlabelled": []}
     samples = collect_samples(args, report)
     patients = read_patient_ids(args.metadata, args.filename_column, args.patient_column)
+    label_maps = {sample["stem"]: sample.pop("labels") for sample in samples}
+    lung_masks = {sample["stem"]: sample.pop("lung_mask") for sample in samples if "lung_mask" in sample}
     for sample in samples:
         sample["patient_id"] = patients.get(sample["stem"], sample["stem"])
-        label_path = os.path.join(output, "labels", sample["stem"] + ".png")
-        write_png(label_path, sample.pop("labels"))
-        sample["label"] = os.path.relpath(label_path, output)
+        sample["label"] = os.path.join("labels", sample["stem"] + ".png")
         sample["image"] = os.path.abspath(sample["image"])
     training, validation = split_by_patient(samples, args)
+    for sample in training:  # validation keeps the annotation as drawn: opacity is measured against it
+        if sample["stem"] in lung_masks:
+            try:
+                label_maps[sample["stem"]] = lungs_from_mask(label_maps[sample["stem"]], lung_masks[sample["stem"]])
+            except RadiographError as error:
+                report["skipped"].append({"file": error.path, "reason": f"{error.problem}; the LabelMe lungs are used"})
+    for stem, labels in label_maps.items():
+        write_png(os.path.join(output, "labels", stem + ".png"), labels)
     training = oversample_labelme(training, args.repeat_labelme)
     datalist = {"training": training, "validation": validation}
     atomic_write(os.path.join(output, "datalist.json"), lambda tmp: _write_json(tmp, datalist))

@@ -167,6 +167,44 @@ def test_prepare_data_split_from_keeps_validation_patients_and_moves_labelme_by_
     assert labelme_patients <= patients(tuned["training"])
 
 
+def test_prepare_data_moves_training_labelme_onto_the_lung_mask(tmp_path):
+    """--labelme-lungs-from-masks: a training LabelMe image takes the mask's lung field; validation keeps LabelMe's."""
+    from PIL import Image
+
+    for folder in ("images", "masks", "labelme"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(np.arange(12000).reshape(100, 120).astype(np.uint8)).save(tmp_path / "images" / "case_1.png")
+    mask = np.zeros((100, 120), bool)
+    mask[10:90, 10:110] = True
+    phantoms.write_mask_png(tmp_path / "masks" / "case_1.png", mask)
+    shapes = [("right_lung", rectangle(20, 20, 55, 80)), ("left_lung", rectangle(65, 20, 118, 80)),
+              ("opacity", rectangle(20, 20, 40, 50))]  # fmt: skip
+    write_json(tmp_path / "labelme" / "case_1.json", 100, 120, shapes, image_path="../images/case_1.png")
+    drawn = read_labelme(str(tmp_path / "labelme" / "case_1.json")).label_map()
+
+    def prepare(output, *extra):
+        argv = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--labelme",
+                str(tmp_path / "labelme"), "--output", str(output), "--val-fraction", "0", *extra]  # fmt: skip
+        assert prepare_data.main(argv) == 0
+        datalist = json.loads((output / "datalist.json").read_text())
+        (sample,) = datalist["training"] + datalist["validation"]
+        return datalist, read_label_map(str(output / sample["label"]))
+
+    datalist, labels = prepare(tmp_path / "moved", "--labelme-lungs-from-masks")
+    assert [sample["source"] for sample in datalist["training"]] == ["labelme"]
+    np.testing.assert_array_equal(labels > 0, mask)  # the lung field is the mask's
+    inside_both = mask & (drawn > 0)
+    np.testing.assert_array_equal(labels[inside_both], drawn[inside_both])  # LabelMe's clear lung and opacity
+    assert (labels[mask & (drawn == 0)] == 3).all() and (labels == 3).sum() > 0  # opacity not annotated there
+    assert (drawn[~mask] > 0).any()  # LabelMe lung beyond the mask became background
+
+    _, as_drawn = prepare(tmp_path / "plain")
+    np.testing.assert_array_equal(as_drawn, drawn)
+    _, held_out = prepare(tmp_path / "held_out", "--labelme-lungs-from-masks", "--opacity-folds", "1",
+                          "--holdout-opacity-fold", "0")  # fmt: skip
+    np.testing.assert_array_equal(held_out, drawn)
+
+
 def test_prepare_data_skips_bad_files_by_name(phantom_dataset, tmp_path):
     root = tmp_path / "data"  # a copy: the session dataset stays intact
     shutil.copytree(phantom_dataset.root, root)
