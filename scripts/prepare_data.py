@@ -304,7 +304,8 @@ def main(argv=None) -> int:
         print(f"skipped {skipped['file']}: {skipped['reason']}")
     print(
         f"used {len(samples)} images ({report['opacity_annotated']} with opacity annotation): "
-        f"{len(training)} training ({report['training_unique']} distinct), {len(validation)} validation; skipped {len(report['skipped'])}; "
+        f"{len(training)} training ({report['training_unique']} distinct), {len(validation)} validation; "
+        f"skipped {len(report['skipped'])}; "
         f"{len(report['unlabelled'])} without any label; datalist: {os.path.join(output, 'datalist.json')}"
     )
     return 0 if samples else 1

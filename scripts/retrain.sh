@@ -7,7 +7,8 @@
 #   LabelMe opacity annotations is held out.
 # Pseudo-labels: the base model's lung fields of the unlabelled "No Finding" radiographs, taken as clear lung.
 # Fine-tune (10 epochs from the base, lower learning rate): the same data, the clear lungs, and the LabelMe
-#   annotations of the training folds listed 6 times per epoch. Fold k holds out the LabelMe patients of fold k and
+#   annotations of the training folds listed 6 times per epoch, on the lung field of their V7 masks (the LabelMe lung
+#   outlines are 12-41 % smaller). Fold k holds out the LabelMe patients of fold k and
 #   is evaluated on them (runs/cv_fold<k>); "all" trains on every annotation and is shipped into
 #   bundle/models/model.pt (fp16). Fine-tunes keep the base's other validation patients.
 # Interrupted? Run again: each training continues from its last checkpoint.
@@ -48,7 +49,8 @@ for fold in $FOLDS; do
     holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
     $PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
         --extra-masks data/base_lungs --clear-finding "No Finding" --split-from data/base/datalist.json \
-        --opacity-folds 2 --holdout-opacity-fold "$holdout" --repeat-labelme 6 --output "data/fold_$fold"
+        --labelme-lungs-from-masks --opacity-folds 2 --holdout-opacity-fold "$holdout" --repeat-labelme 6 \
+        --output "data/fold_$fold"
     $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
         --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
         --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0

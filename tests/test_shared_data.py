@@ -70,7 +70,7 @@ HELD_OUT_IMAGES = [
     "11547_2020_1202_Fig1_HTML-b.png", "289cb15b.jpg", "701_2020_4374_Fig2_HTML.png", "730a0b8f.jpg", "7c0d0e1d.jpg",
     "8da14fff.jpg", "90986ce4.jpg", "9eca9ade.jpg",
 ]  # fmt: skip
-SHIPPED_LUNG_DICE_FLOOR = 0.93  # measured 0.959 (lowest image 0.929) with the shipped weights
+SHIPPED_LUNG_DICE_FLOOR = 0.93  # measured 0.957 (lowest image 0.932) with the shipped weights
 
 
 def test_shared_shipped_weights_segment_held_out_lungs(shared_data, tmp_path):
