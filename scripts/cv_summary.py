@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from scripts.label_io import atomic_write  # noqa: E402
 
+
 def read_rows(folder: str) -> list[dict]:
     path = os.path.join(folder, "metrics.csv")
     if not os.path.isfile(path):

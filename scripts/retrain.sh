@@ -8,9 +8,9 @@
 # Pseudo-labels: the base model's lung fields of the unlabelled "No Finding" radiographs, taken as clear lung.
 # Fine-tune (10 epochs from the base, lower learning rate): the same data, the clear lungs, and the LabelMe
 #   annotations of the training folds listed 6 times per epoch, on the lung field of their V7 masks (the LabelMe lung
-#   outlines are 12-41 % smaller). Fold k holds out the LabelMe patients of fold k and
-#   is evaluated on them (runs/cv_fold<k>); "all" trains on every annotation and is shipped into
-#   bundle/models/model.pt (fp16). Fine-tunes keep the base's other validation patients.
+#   outlines are 12-41 % smaller). Fold k holds out the LabelMe patients of fold k and is evaluated on them
+#   (runs/cv_fold<k>); "all" trains on every annotation and is shipped into bundle/models/model.pt (fp16).
+#   Fine-tunes keep the base's other validation patients.
 # Interrupted? Run again: each training continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
