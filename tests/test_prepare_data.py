@@ -237,4 +237,3 @@ def test_prepare_data_labelme_with_embedded_image_only(tmp_path):
     (sample,) = datalist["training"]
     assert sample["image"] == str(output / "images" / "case_9.png") and os.path.isfile(sample["image"])
     assert set(np.unique(read_label_map(str(output / sample["label"])))) == {0, 1, 2}
-
