@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
-from scripts.label_io import atomic_write  # noqa: E402
+from scripts.label_io import write_json  # noqa: E402
 
 
 def read_rows(folder: str) -> list[dict]:
@@ -53,11 +52,6 @@ def fold_figures(rows: list[dict]) -> dict:
     }
 
 
-def write_json(path: str, content) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folds", nargs="+", help="evaluate output folders, one per fold")
@@ -73,7 +67,7 @@ def main(argv=None) -> int:
         cells = [f"{value:.3f}" if isinstance(value, float) else str(value) for value in figures.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.output:
-        atomic_write(args.output, lambda path: write_json(path, table))
+        write_json(args.output, table)
     return 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
-from scripts.label_io import atomic_write, read_label_map, write_png  # noqa: E402
+from scripts.label_io import atomic_write, read_label_map, write_json, write_png  # noqa: E402
 from scripts.labelme import read_labelme  # noqa: E402
 from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED  # noqa: E402
 from scripts.radiograph_io import (  # noqa: E402
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
         write_png(os.path.join(output, "labels", stem + ".png"), labels)
     training = oversample_labelme(training, args.repeat_labelme)
     datalist = {"training": training, "validation": validation}
-    atomic_write(os.path.join(output, "datalist.json"), lambda tmp: _write_json(tmp, datalist))
+    write_json(os.path.join(output, "datalist.json"), datalist)
     report.update(
         used=len(samples),
         training=len(training),
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         opacity_annotated=sum(s["source"] == "labelme" for s in samples),
         seed=args.seed,
     )
-    atomic_write(os.path.join(output, "preparation_report.json"), lambda tmp: _write_json(tmp, report))
+    write_json(os.path.join(output, "preparation_report.json"), report)
     for skipped in report["skipped"]:
         print(f"skipped {skipped['file']}: {skipped['reason']}")
     print(
@@ -309,11 +309,6 @@ def main(argv=None) -> int:
         f"{len(report['unlabelled'])} without any label; datalist: {os.path.join(output, 'datalist.json')}"
     )
     return 0 if samples else 1
-
-
-def _write_json(path: str, content) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Read and write single-channel label maps (PNG or NIfTI) in viewer orientation, atomically."""
+"""Read and write single-channel label maps (PNG or NIfTI) in viewer orientation, and the JSON files beside them,
+atomically."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -57,3 +59,13 @@ def write_png(path: str, array: np.ndarray, compress_level: int = 1) -> None:
 
     image = Image.fromarray(np.ascontiguousarray(array))
     atomic_write(path, lambda temporary: image.save(temporary, format="PNG", compress_level=compress_level))
+
+
+def write_json(path: str, content) -> None:
+    """Write ``content`` as indented UTF-8 JSON, atomically."""
+
+    def dump(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=1)
+
+    atomic_write(path, dump)

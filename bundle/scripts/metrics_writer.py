@@ -10,7 +10,6 @@ predicted geographic extent can be compared with the annotated one. Writes ``met
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.utils import min_version, optional_import
 
-from scripts.label_io import atomic_write
+from scripts.label_io import atomic_write, write_json
 from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
 from scripts.severity import NoLungFoundError, compute_severity
 
@@ -111,7 +110,7 @@ class MetricsWriter:
         columns = list(self.rows[0])
         atomic_write(os.path.join(self.output_dir, "metrics.csv"), lambda path: _write_csv(path, columns, self.rows))
         summary = self.summary()
-        atomic_write(os.path.join(self.output_dir, "metrics_summary.json"), lambda path: _write_json(path, summary))
+        write_json(os.path.join(self.output_dir, "metrics_summary.json"), summary)
         lung_dice = summary["lung_dice"]["mean"]
         opacity_dice = summary["opacity_dice"]["mean"]
         self.logger.info(f"{len(self.rows)} images: mean lung Dice {lung_dice}, mean opacity Dice {opacity_dice}")
@@ -123,8 +122,3 @@ def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({key: "" if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()})
-
-
-def _write_json(path: str, content) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=1)

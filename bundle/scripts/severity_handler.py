@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from monai.utils import min_version, optional_import
 
-from scripts.label_io import atomic_write, write_png
+from scripts.label_io import write_json, write_png
 from scripts.labels import BACKGROUND, OPACITY
 from scripts.overlay import draw_overlay
 from scripts.radiograph_io import file_stem
@@ -194,7 +193,7 @@ class SeverityWriter:
         self._csv_handle.close()
         os.replace(self._partial_csv, os.path.join(self.output_dir, "severity.csv"))
         summary = {"settings": self.settings, "images": self.rows}
-        atomic_write(os.path.join(self.output_dir, "severity.json"), lambda path: _dump_json(path, summary))
+        write_json(os.path.join(self.output_dir, "severity.json"), summary)
         succeeded = sum(row["status"] == "ok" for row in self.rows)
         self.logger.info(
             f"severity of {succeeded} of {len(self.rows)} files written to {os.path.join(self.output_dir, 'severity.csv')}"
@@ -214,8 +213,3 @@ def _as_bool(value, name: str) -> bool:
 
 def _csv_value(value):
     return "" if value is None else value
-
-
-def _dump_json(path: str, content) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=1)
