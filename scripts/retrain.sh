@@ -45,6 +45,7 @@ for folder in data/no_finding_predictions/*/; do
     cp "$folder/${stem}_lung.png" "data/base_lungs/$stem.png"
 done
 
+cv_runs=()
 for fold in $FOLDS; do
     holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
     $PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
@@ -60,10 +61,9 @@ for fold in $FOLDS; do
         $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
             --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
             --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
+        cv_runs+=("runs/cv_fold$fold")
     fi
 done
-cv_runs=()
-for fold in $FOLDS; do [ "$fold" = all ] || cv_runs+=("runs/cv_fold$fold"); done
 if [ ${#cv_runs[@]} -gt 0 ]; then
     $PYTHON scripts/cv_summary.py "${cv_runs[@]}" --output runs/cv_summary.json
 fi
