@@ -8,10 +8,23 @@ Inputs (any combination):
   --clear-finding F   metadata finding (e.g. "No Finding") whose lungs count as annotated clear lung
   --labelme DIR       LabelMe JSON files with right_lung / left_lung / opacity polygons (override masks)
   --metadata CSV      table with the image file name and patient id (default columns: filename, patientid)
+  --mask-source SPEC  a dataset laid out as image / lung-mask / opacity-mask folders (repeatable), e.g.
+                      "name=covid-qu-ex,images=DIR,lungs=DIR,opacity=DIR,split=CSV,lung_field=DIR":
+                        opacity   folder of opacity masks (annotated source: an empty mask means clear lung);
+                                  leave it out for a source whose opacity was not annotated (lung labelled 3)
+                        split     CSV naming each image's published split (columns image, published_split; change
+                                  them with image_column=, split_column=): "train" rows train (a --val-fraction of
+                                  them validate), every other split is held out as the datalist's "test" rows;
+                                  without it the rows are split like patients, one image per patient
+                        lung_field  lung masks in the bundle's lung-field style for the same images (e.g. predicted
+                                  by a model trained on the reference masks): in training rows, lung inside them but
+                                  outside the source's own lung masks is labelled 3; held-out rows keep the source's
+                                  masks as drawn
 
 Writes into --output: labels/<stem>.png (0 background, 1 clear lung, 2 opacity, 3 lung without opacity
-annotation), images/ for LabelMe-embedded images, datalist.json (training / validation split by patient with
---seed; --repeat-labelme lists the few opacity-annotated training images several times) and
+annotation; labels/<source>/<stem>.png for --mask-source rows), images/ for LabelMe-embedded images, datalist.json
+(training / validation split by patient with --seed, "test" for held-out --mask-source rows; every row names its
+"source"; --repeat-labelme lists the few opacity-annotated training images several times) and
 preparation_report.json. Input files are only read. Bad files are reported by name and skipped.
 
 Example:
@@ -36,7 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from scripts.label_io import atomic_write, read_label_map, write_json, write_png  # noqa: E402
 from scripts.labelme import read_labelme  # noqa: E402
-from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED  # noqa: E402
+from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED, OPACITY  # noqa: E402
 from scripts.radiograph_io import (  # noqa: E402
     SUPPORTED_EXTENSIONS,
     RadiographError,
@@ -46,6 +59,8 @@ from scripts.radiograph_io import (  # noqa: E402
 )
 
 MASK_EXTENSIONS = (".png", ".nii.gz", ".nii")
+MASK_SOURCE_KEYS = {"name", "images", "lungs", "opacity", "split", "image_column", "split_column", "lung_field"}
+RESERVED_SOURCE_NAMES = {"labelme", "mask", "extra_mask"}
 
 
 def parse_args(argv=None):
@@ -65,6 +80,14 @@ def parse_args(argv=None):
         action="append",
         default=[],
         help="metadata finding whose lungs are clear (e.g. 'No Finding'): their masks are labelled 1, not 3",
+    )
+    parser.add_argument(
+        "--mask-source",
+        action="append",
+        default=[],
+        type=parse_mask_source,
+        help="image / lung-mask / opacity-mask folders of one dataset as comma-separated key=value pairs "
+        "(name, images, lungs, opacity, split, image_column, split_column, lung_field); repeatable",
     )
     parser.add_argument("--output", required=True, help="folder for label maps and datalist.json")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="fraction of patients held out")
@@ -94,7 +117,36 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeat_labelme < 1:
         parser.error("--repeat-labelme must be at least 1")
+    names = [source["name"] for source in args.mask_source]
+    if len(set(names)) != len(names):
+        parser.error(f"--mask-source names must differ, got {names}")
     return args
+
+
+def parse_mask_source(spec: str) -> dict:
+    """``name=...,images=DIR,lungs=DIR[,opacity=DIR][,split=CSV][,lung_field=DIR]`` as a dict, checked."""
+    source = {}
+    for item in spec.split(","):
+        key, separator, value = item.partition("=")
+        key = key.strip()
+        if not separator or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r} in {spec!r}")
+        if key not in MASK_SOURCE_KEYS:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r} in {spec!r}; keys: {sorted(MASK_SOURCE_KEYS)}")
+        source[key] = value.strip()
+    missing = {"name", "images", "lungs"} - set(source)
+    if missing:
+        raise argparse.ArgumentTypeError(f"{spec!r} lacks {sorted(missing)}")
+    if source["name"] in RESERVED_SOURCE_NAMES:
+        raise argparse.ArgumentTypeError(f"source name {source['name']!r} is reserved; choose another")
+    for key in ("images", "lungs", "opacity", "lung_field"):
+        if key in source and not os.path.isdir(source[key]):
+            raise argparse.ArgumentTypeError(f"{key} folder {source[key]} of source {source['name']!r} not found")
+    if "split" in source and not os.path.isfile(source["split"]):
+        raise argparse.ArgumentTypeError(f"split table {source['split']} of source {source['name']!r} not found")
+    source.setdefault("image_column", "image")
+    source.setdefault("split_column", "published_split")
+    return source
 
 
 def list_images(folder: str | None) -> dict[str, str]:
@@ -217,6 +269,122 @@ def collect_samples(args, report: dict) -> list[dict]:
     return [dict(stem=stem, **sample) for stem, sample in samples.items()]
 
 
+def read_published_split(source: dict) -> dict[str, str]:
+    """Map image stem -> published split name ("train", "val", ...) from the source's split table; {} without one."""
+    if "split" not in source:
+        return {}
+    with open(source["split"], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in (source["image_column"], source["split_column"]):
+        if rows and column not in rows[0]:
+            raise SystemExit(f"error: split table {source['split']} has no column {column!r}")
+    return {file_stem(row[source["image_column"]]): row[source["split_column"]].strip().lower() for row in rows}
+
+
+def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask (> 0) of ``path``, which must have the image's ``shape``."""
+    mask = read_label_map(path)
+    if mask.shape != shape:
+        raise RadiographError(path, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+    return mask > 0
+
+
+def mask_source_label_map(lung_path: str, opacity_path: str | None, shape: tuple[int, int]) -> np.ndarray:
+    """Label map of a lung mask and, for an opacity-annotated source, its opacity mask (kept inside the lung).
+
+    Annotated: lung 1 (clear), opacity 2, so an empty opacity mask says the lungs are clear. Not annotated
+    (``opacity_path`` None): lung 3.
+    """
+    lung = read_mask(lung_path, shape)
+    if not lung.any():
+        raise RadiographError(lung_path, "mask holds no lung pixel")
+    labels = np.full(shape, BACKGROUND, dtype=np.uint8)
+    if opacity_path is None:
+        labels[lung] = LUNG_UNANNOTATED
+    else:
+        labels[lung] = CLEAR_LUNG
+        labels[lung & read_mask(opacity_path, shape)] = OPACITY
+    return labels
+
+
+def collect_mask_source(source: dict, report: dict) -> list[dict]:
+    """One sample per image of a mask-folder source; images without a lung (or opacity) mask are reported."""
+    images = list_images(source["images"])
+    lungs = list_masks(source["lungs"])
+    opacity = list_masks(source.get("opacity"))
+    lung_field = list_masks(source.get("lung_field"))
+    published = read_published_split(source)
+    annotated = "opacity" in source
+    samples = []
+    for stem, image_path in images.items():
+        if stem not in lungs:
+            report["unlabelled"].append(image_path)
+            continue
+        try:
+            if annotated and stem not in opacity:
+                raise RadiographError(image_path, f"no opacity mask in {source['opacity']}")
+            if published and stem not in published:
+                raise RadiographError(image_path, f"not listed in the split table {source['split']}")
+            shape = read_radiograph(image_path).pixels.shape
+            labels = mask_source_label_map(lungs[stem], opacity.get(stem) if annotated else None, shape)
+        except RadiographError as error:
+            report["skipped"].append({"file": error.path, "reason": error.problem})
+            continue
+        sample = {"stem": stem, "image": os.path.abspath(image_path), "labels": labels, "source": source["name"],
+                  "patient_id": f"{source['name']}:{stem}", "published_split": published.get(stem, "train")}
+        if stem in lung_field:
+            sample["lung_field"] = lung_field[stem]
+        samples.append(sample)
+    return samples
+
+
+def split_mask_source(samples: list[dict], args) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training, validation, test) of one mask-folder source.
+
+    Rows of the published training split (all rows without a split table) are shuffled with --seed and a
+    --val-fraction of them validate; rows of any other published split are held out as test rows.
+    """
+    pool = [s for s in samples if s["published_split"] == "train"]
+    test = [s for s in samples if s["published_split"] != "train"]
+    random.Random(args.seed).shuffle(pool)
+    validation_count = int(round(args.val_fraction * len(pool)))
+    return pool[validation_count:], pool[:validation_count], test
+
+
+def widen_to_lung_field(labels: np.ndarray, lung_field_path: str) -> np.ndarray:
+    """A training label map whose lung field is widened to ``lung_field_path``: lung there outside the source's own
+    lung masks becomes lung without opacity annotation (3)."""
+    widened = labels.copy()
+    widened[read_mask(lung_field_path, labels.shape) & (labels == BACKGROUND)] = LUNG_UNANNOTATED
+    return widened
+
+
+def prepare_mask_sources(args, output: str, report: dict) -> dict[str, list[dict]]:
+    """Label maps of every --mask-source written under ``output/labels/<source>/``; their datalist rows by section."""
+    sections = {"training": [], "validation": [], "test": []}
+    for source in args.mask_source:
+        samples = collect_mask_source(source, report)
+        training, validation, test = split_mask_source(samples, args)
+        for section, rows in zip(sections, (training, validation, test)):
+            for sample in rows:
+                labels = sample.pop("labels")
+                lung_field = sample.pop("lung_field", None)
+                if section == "training" and lung_field is not None:
+                    try:
+                        labels = widen_to_lung_field(labels, lung_field)
+                    except RadiographError as error:
+                        report["skipped"].append({"file": error.path, "reason": f"{error.problem}; lung field unused"})
+                sample.pop("published_split")
+                sample["label"] = os.path.join("labels", source["name"], sample["stem"] + ".png")
+                write_png(os.path.join(output, sample["label"]), labels)
+                sections[section].append(sample)
+        report["sources"][source["name"]] = {
+            "training": len(training), "validation": len(validation), "test": len(test),
+            "opacity_annotated": "opacity" in source,
+        }  # fmt: skip
+    return sections
+
+
 def split_by_patient(samples: list[dict], args) -> tuple[list[dict], list[dict]]:
     """Held-out patients go to validation; LabelMe patients are split by opacity fold.
 
@@ -262,16 +430,17 @@ def oversample_labelme(training: list[dict], repeat: int) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.images or args.labelme):
-        print("error: give --images and/or --labelme", file=sys.stderr)
+    if not (args.images or args.labelme or args.mask_source):
+        print("error: give --images, --labelme and/or --mask-source", file=sys.stderr)
         return 2
     output = os.path.abspath(args.output)
-    for given in (args.images, args.masks, *args.extra_masks, args.labelme):
+    source_folders = [source.get(key) for source in args.mask_source for key in ("images", "lungs", "opacity", "lung_field")]
+    for given in (args.images, args.masks, *args.extra_masks, args.labelme, *source_folders):
         if given and os.path.abspath(given) == output:
             print(f"error: --output {output} is an input folder; choose another", file=sys.stderr)
             return 2
-    report = {"skipped": [], "unlabelled": []}
-    samples = collect_samples(args, report)
+    report = {"skipped": [], "unlabelled": [], "sources": {}}
+    samples = collect_samples(args, report) if (args.images or args.labelme) else []
     patients = read_patient_ids(args.metadata, args.filename_column, args.patient_column)
     label_maps = {sample["stem"]: sample.pop("labels") for sample in samples}
     lung_masks = {sample["stem"]: sample.pop("lung_mask") for sample in samples if "lung_mask" in sample}
@@ -289,13 +458,20 @@ def main(argv=None) -> int:
     for stem, labels in label_maps.items():
         write_png(os.path.join(output, "labels", stem + ".png"), labels)
     training = oversample_labelme(training, args.repeat_labelme)
-    datalist = {"training": training, "validation": validation}
+    from_sources = prepare_mask_sources(args, output, report)
+    datalist = {
+        "training": training + from_sources["training"],
+        "validation": validation + from_sources["validation"],
+        "test": from_sources["test"],
+    }
     write_json(os.path.join(output, "datalist.json"), datalist)
+    used = len(samples) + sum(len(rows) for rows in from_sources.values())
     report.update(
-        used=len(samples),
-        training=len(training),
-        training_unique=len({s["stem"] for s in training}),
-        validation=len(validation),
+        used=used,
+        training=len(datalist["training"]),
+        training_unique=len({s["label"] for s in datalist["training"]}),
+        validation=len(datalist["validation"]),
+        test=len(datalist["test"]),
         opacity_annotated=sum(s["source"] == "labelme" for s in samples),
         seed=args.seed,
     )
@@ -303,12 +479,12 @@ def main(argv=None) -> int:
     for skipped in report["skipped"]:
         print(f"skipped {skipped['file']}: {skipped['reason']}")
     print(
-        f"used {len(samples)} images ({report['opacity_annotated']} with opacity annotation): "
-        f"{len(training)} training ({report['training_unique']} distinct), {len(validation)} validation; "
-        f"skipped {len(report['skipped'])}; "
+        f"used {used} images ({report['opacity_annotated']} with LabelMe opacity annotation): "
+        f"{report['training']} training ({report['training_unique']} distinct), {report['validation']} validation, "
+        f"{report['test']} test; skipped {len(report['skipped'])}; "
         f"{len(report['unlabelled'])} without any label; datalist: {os.path.join(output, 'datalist.json')}"
     )
-    return 0 if samples else 1
+    return 0 if used else 1
 
 
 if __name__ == "__main__":

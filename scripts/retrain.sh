@@ -1,69 +1,117 @@
 #!/usr/bin/env bash
 # Retrain the shipped model from ../shared/data-style inputs with the shipped recipe and a fixed seed.
-#   bash scripts/retrain.sh [DATA_ROOT]                      # base + fine-tune on every annotation, shipped
-#   FOLDS="0 1 all" bash scripts/retrain.sh [DATA_ROOT]      # the same with the 2-fold cross-validation first
-# DATA_ROOT holds cohen-cxr/{images,lung_masks,lung_masks_lungvae,metadata.csv} and opacity-labelme/.
-# Base (26 epochs from scratch): every lung mask (opacity not annotated) and synthetic opacities; every patient with
-#   LabelMe opacity annotations is held out.
-# Pseudo-labels: the base model's lung fields of the unlabelled "No Finding" radiographs, taken as clear lung.
-# Fine-tune (10 epochs from the base, lower learning rate): the same data, the clear lungs, and the LabelMe
-#   annotations of the training folds listed 6 times per epoch, on the lung field of their V7 masks (the LabelMe lung
-#   outlines are 12-41 % smaller). Fold k holds out the LabelMe patients of fold k and is evaluated on them
-#   (runs/cv_fold<k>); "all" trains on every annotation and is shipped into bundle/models/model.pt (fp16).
-#   Fine-tunes keep the base's other validation patients.
+#   bash scripts/retrain.sh [DATA_ROOT]                      # stages 1-3, the stage-3 model shipped
+#   FOLDS="0 1 all" bash scripts/retrain.sh [DATA_ROOT]      # the same with the stage-2 cross-validation first
+# DATA_ROOT holds cohen-cxr/{images,lung_masks,lung_masks_lungvae,metadata.csv,severity_scores.csv},
+# opacity-labelme/ and covid-qu-ex/{images,lung_masks,infection_masks,index.csv}.
+# Stage 1, base (26 epochs from scratch): every cohen-cxr lung mask (opacity not annotated) and synthetic opacities;
+#   every patient with LabelMe opacity annotations is held out.
+# Stage 2, fine-tune (10 epochs from the base, release 0.3.0): the same data, the base's lung fields of the
+#   unlabelled "No Finding" radiographs as clear lung, and the LabelMe annotations of the training folds listed 6 times
+#   per epoch on the lung field of their V7 masks. Fold k holds out the LabelMe patients of fold k and is evaluated on
+#   them (runs/cv_fold<k>); "all" trains on every annotation.
+# Stage 3, all sources (release 0.4.0, from the stage-2 weights): stage 2's data plus COVID-QU-Ex (infection masks:
+#   opacity annotated; normals: clear lungs; the authors' val split held out as test rows), whose lung masks stop at
+#   the heart border: the stage-2 model's lung fields widen them (lung there labelled "opacity not annotated"). No
+#   synthetic opacities. Shipped into bundle/models/model.pt (fp16), evaluated on the held-out rows, and the severity
+#   scores calibrated against the radiologists' scores (scripts/calibrate_severity.py).
+# STAGE2_WEIGHTS=<file> skips stages 1-2 and starts stage 3 from those weights (release 0.4.0 started from the 0.3.0
+#   weights, which stages 1-2 reproduce). The docs' sample radiographs are never trained on.
 # Interrupted? Run again: each training continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${1:-../shared/data}
 COHEN=$DATA_ROOT/cohen-cxr
+QUEX=$DATA_ROOT/covid-qu-ex
 FOLDS=${FOLDS:-all}
+STAGE2_WEIGHTS=${STAGE2_WEIGHTS:-runs/fold_all/model_final.pt}
+STAGE3_EPOCHS=${STAGE3_EPOCHS:-6}
 PYTHON=.venv/bin/python
 BUNDLE_ARGS=(--meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf --bundle_root bundle)
 PREPARE_ARGS=(--images "$COHEN/images" --masks "$COHEN/lung_masks" --labelme "$DATA_ROOT/opacity-labelme"
     --metadata "$COHEN/metadata.csv" --seed 0)
+STAGE2_PREPARE_ARGS=("${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" --extra-masks data/no_finding_lungs
+    --clear-finding "No Finding" --split-from data/base/datalist.json --labelme-lungs-from-masks --opacity-folds 2
+    --repeat-labelme 6)
 
+stage() { echo "== retrain: $* ($(date +%H:%M:%S))"; }
+
+# lung_fields MODEL IMAGES OUTPUT: the model's lung masks of a folder of radiographs, as OUTPUT/<stem>.png
+lung_fields() {
+    $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file bundle/configs/inference.yaml \
+        --dataset_dir "$2" --output_dir "$3.predictions" --ckpt_path "$1" --write_overlays false
+    mkdir -p "$3"
+    for folder in "$3".predictions/*/; do
+        stem=$(basename "$folder")
+        [ -f "$folder/${stem}_lung.png" ] && cp "$folder/${stem}_lung.png" "$3/$stem.png"
+    done
+}
+
+stage "preparing the cohen-cxr split"
 $PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
     --opacity-folds 1 --holdout-opacity-fold 0 --output data/base
-$PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
-    --dataset_dir data/base --run_name base --output_dir runs/base --num_epochs 26 --seed 0
 
-# lung fields of the unlabelled "No Finding" radiographs, predicted by the base model
-mkdir -p data/no_finding data/base_lungs
+# the unlabelled "No Finding" radiographs, except the docs' samples (kept unseen for the README's check)
+mkdir -p data/no_finding
 $PYTHON - "$COHEN" <<'PY'
 import csv, json, os, sys
 cohen = sys.argv[1]
 unlabelled = {os.path.basename(path) for path in json.load(open("data/base/preparation_report.json"))["unlabelled"]}
+samples = {os.path.splitext(name)[0] for name in os.listdir("bundle/docs/samples")}
 for row in csv.DictReader(open(os.path.join(cohen, "metadata.csv"))):
     target = os.path.join("data/no_finding", row["filename"])
-    if row["finding"] == "No Finding" and row["filename"] in unlabelled and not os.path.exists(target):
+    wanted = row["finding"] == "No Finding" and row["filename"] in unlabelled
+    if wanted and os.path.splitext(row["filename"])[0] not in samples and not os.path.exists(target):
         os.symlink(os.path.abspath(os.path.join(cohen, "images", row["filename"])), target)
 PY
-$PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file bundle/configs/inference.yaml \
-    --dataset_dir data/no_finding --output_dir data/no_finding_predictions --ckpt_path runs/base/model.pt
-for folder in data/no_finding_predictions/*/; do
-    stem=$(basename "$folder")
-    cp "$folder/${stem}_lung.png" "data/base_lungs/$stem.png"
-done
 
-cv_runs=()
-for fold in $FOLDS; do
-    holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
-    $PYTHON scripts/prepare_data.py "${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungvae" \
-        --extra-masks data/base_lungs --clear-finding "No Finding" --split-from data/base/datalist.json \
-        --labelme-lungs-from-masks --opacity-folds 2 --holdout-opacity-fold "$holdout" --repeat-labelme 6 \
-        --output "data/fold_$fold"
+if [ ! -f "$STAGE2_WEIGHTS" ]; then
+    stage "stage 1: base"
     $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
-        --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
-        --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0
-    if [ "$fold" = all ]; then
-        $PYTHON scripts/ship_model.py --checkpoint runs/fold_all/model_final.pt --output bundle/models/model.pt
-    else  # the final checkpoint on the held-out fold (and the other validation patients), full resolution
-        $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
-            --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
-            --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
-        cv_runs+=("runs/cv_fold$fold")
+        --dataset_dir data/base --run_name base --output_dir runs/base --num_epochs 26 --seed 0
+    [ -d data/no_finding_lungs ] || lung_fields runs/base/model.pt data/no_finding data/no_finding_lungs
+
+    cv_runs=()
+    for fold in $FOLDS; do
+        stage "stage 2: fine-tune, fold $fold"
+        holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
+        $PYTHON scripts/prepare_data.py "${STAGE2_PREPARE_ARGS[@]}" --holdout-opacity-fold "$holdout" \
+            --output "data/fold_$fold"
+        $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+            --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
+            --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0
+        if [ "$fold" != all ]; then  # the final checkpoint on the held-out fold (and the other validation patients)
+            $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
+                --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
+                --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
+            cv_runs+=("runs/cv_fold$fold")
+        fi
+    done
+    if [ ${#cv_runs[@]} -gt 0 ]; then
+        $PYTHON scripts/cv_summary.py "${cv_runs[@]}" --output runs/cv_summary.json
     fi
-done
-if [ ${#cv_runs[@]} -gt 0 ]; then
-    $PYTHON scripts/cv_summary.py "${cv_runs[@]}" --output runs/cv_summary.json
 fi
+
+stage "stage 3: lung fields of the stage-2 model"
+[ -d data/no_finding_lungs ] || lung_fields "$STAGE2_WEIGHTS" data/no_finding data/no_finding_lungs
+[ -d data/covid-qu-ex_lung_fields ] || lung_fields "$STAGE2_WEIGHTS" "$QUEX/images" data/covid-qu-ex_lung_fields
+$PYTHON scripts/prepare_data.py "${STAGE2_PREPARE_ARGS[@]}" --holdout-opacity-fold -1 \
+    --mask-source "name=covid-qu-ex,images=$QUEX/images,lungs=$QUEX/lung_masks,opacity=$QUEX/infection_masks,split=$QUEX/index.csv,lung_field=data/covid-qu-ex_lung_fields" \
+    --output data/all_sources
+stage "stage 3: training on all sources"
+$PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+    --dataset_dir data/all_sources --run_name all_sources --output_dir runs/all_sources --num_epochs "$STAGE3_EPOCHS" \
+    --learning_rate 0.0005 --val_interval 1 --synthetic_opacity_prob 0.0 --init_checkpoint "$STAGE2_WEIGHTS" --seed 0
+$PYTHON scripts/ship_model.py --checkpoint runs/all_sources/model.pt --output bundle/models/model.pt
+
+stage "stage 3: evaluation of the shipped weights"
+evaluate() {  # evaluate DATASET_DIR DATALIST_KEY OUTPUT
+    $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
+        --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
+        --dataset_dir "$1" --datalist_key "$2" --output_dir "$3"
+}
+evaluate data/all_sources test runs/evaluation_test              # the COVID-QU-Ex authors' val split: never trained on
+evaluate data/all_sources validation runs/evaluation_validation  # V7 lungs of 34 unseen patients; COVID-QU-Ex tuning rows
+evaluate data/base validation runs/evaluation_labelme            # the 10 LabelMe images as drawn (trained on in stage 3)
+stage "severity score calibration"
+bash scripts/calibrate_severity.sh "$DATA_ROOT"

@@ -89,6 +89,10 @@ def test_output_contract(mixed_folder_run):
     summary = json.loads((output / "severity.json").read_text())
     assert summary["settings"]["bundle_version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
     assert summary["settings"]["device"] == "cpu"
+    rules = summary["settings"]["severity_rules"]  # the shipped calibration, fitted on other weights than the phantom's
+    assert rules["rules"] == "calibrated" and rules["model_matches"] is False
+    assert len(rules["extent_thresholds_pct"]) == 4
+    assert {row["severity_rules"] for row in rows if row["status"] == "ok"} == {"calibrated"}
     assert [entry["image"] for entry in summary["images"]] == [row["image"] for row in rows]
 
 
@@ -109,13 +113,13 @@ def test_per_lung_areas_follow_the_phantom(mixed_folder_run):
     assert abs(int(row["left_lung_area_px"]) - phantom.left_lung.sum()) < 0.15 * phantom.left_lung.sum()
 
 
-def writer_row(tmp_path, class_map):
+def writer_row(tmp_path, class_map, **writer_args):
     """Feed one hand-made class map to the severity handler, as the inference evaluator does."""
     import torch
     from monai.data import MetaTensor
     from scripts.severity_handler import SeverityWriter
 
-    writer = SeverityWriter(str(tmp_path), fail_if_none_ok=False)
+    writer = SeverityWriter(str(tmp_path), fail_if_none_ok=False, **writer_args)
     writer.start()
     rows, columns = class_map.shape
     meta = {"filename_or_obj": str(tmp_path / "case.png"), "spacing_mm": (float("nan"),) * 2, "error": ""}
@@ -136,6 +140,35 @@ def test_a_lung_on_the_image_left_is_the_patients_right(tmp_path):
     assert row["right_opacity_pct"] == pytest.approx(100 / 3, abs=0.01) and row["left_opacity_pct"] == 0
     lung = mask(tmp_path, "case", "lung") > 0
     assert lung[20:80, 10:50].all() and lung.sum() == 2400
+
+
+def test_rows_follow_the_calibration_file_and_settings_record_it(tmp_path):
+    from scripts.severity import SeverityRules
+    from scripts.severity_calibration import calibration_content, file_sha256
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    rules = SeverityRules((10.0, 20.0, 30.0, 40.0), consolidation_min_density=0.5, white_out_min_dense_pct=20.0)
+    calibration = tmp_path / "severity_calibration.json"
+    calibration.write_text(json.dumps(calibration_content(rules, {"images": 3, "model_sha256": file_sha256(model)})))
+    class_map = np.zeros((100, 120), np.uint8)
+    class_map[20:80, 10:50] = 1
+    class_map[20:40, 10:50] = 2  # a third of the lung: published extent 2, fitted extent 3
+
+    settings = {"model_file": str(model)}
+    row = writer_row(tmp_path / "fitted", class_map, severity_calibration=str(calibration), settings=settings)
+    assert row["status"] == "ok" and row["severity_rules"] == "calibrated"
+    assert (row["right_extent"], row["geographic_extent"], row["right_opacity_degree"]) == (3, 3, 1)
+    recorded = json.loads((tmp_path / "fitted" / "severity.json").read_text())["settings"]["severity_rules"]
+    assert recorded["rules"] == "calibrated" and recorded["extent_thresholds_pct"] == [10.0, 20.0, 30.0, 40.0]
+    assert recorded["consolidation_min_density"] == 0.5 and recorded["white_out_min_dense_pct"] == 20.0
+    assert recorded["model_matches"] is True and recorded["fit"]["images"] == 3
+    assert read_rows(tmp_path / "fitted")[0]["severity_rules"] == "calibrated"
+
+    row = writer_row(tmp_path / "published", class_map, severity_calibration=str(tmp_path / "missing.json"))
+    assert row["severity_rules"] == "published" and row["right_extent"] == 2
+    recorded = json.loads((tmp_path / "published" / "severity.json").read_text())["settings"]["severity_rules"]
+    assert recorded["rules"] == "published" and "not found" in recorded["reason"]
 
 
 def test_no_lung_found_is_an_error_row(tmp_path):

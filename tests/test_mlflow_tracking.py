@@ -230,7 +230,8 @@ def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
 
     loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(point.step for point in loss) == list(range(1, epochs * ITERATIONS_PER_EPOCH + 1))
-    for name in ("train_loss_epoch", "learning_rate", "val_lung_dice", "val_opacity_dice", "best_val_lung_dice"):
+    validation_figures = ("val_lung_dice", "val_opacity_dice", "val_selection_score", "best_val_selection_score")
+    for name in ("train_loss_epoch", "learning_rate", *validation_figures):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(point.step for point in history) == list(range(1, epochs + 1)), name
     assert run.data.metrics["best_epoch"] in range(1, epochs + 1)

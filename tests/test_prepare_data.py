@@ -237,3 +237,113 @@ def test_prepare_data_labelme_with_embedded_image_only(tmp_path):
     (sample,) = datalist["training"]
     assert sample["image"] == str(output / "images" / "case_9.png") and os.path.isfile(sample["image"])
     assert set(np.unique(read_label_map(str(output / sample["label"])))) == {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------ mask-folder sources
+
+
+def write_mask_folder_source(root, count=6, rows=96, columns=112, clear=(1,), without_opacity_mask=()):
+    """Images, lung masks, opacity masks (empty for the ``clear`` indices) and a published split (every third: val)."""
+    phantom_list = [phantoms.make_phantom(rows, columns, seed=20 + index) for index in range(count)]
+    split_rows = ["image,published_split"]
+    for index, phantom in enumerate(phantom_list):
+        name = f"case_{index}.png"
+        phantoms.write_png(root / "images" / name, phantom.image)
+        phantoms.write_mask_png(root / "lungs" / name, phantom.lung)
+        if index not in without_opacity_mask:
+            opacity = np.zeros_like(phantom.opacity) if index in clear else phantom.opacity
+            phantoms.write_mask_png(root / "opacity" / name, opacity)
+        split_rows.append(f"{name},{'val' if index % 3 == 2 else 'train'}")
+    (root / "index.csv").write_text("\n".join(split_rows) + "\n")
+    return phantom_list
+
+
+def source_spec(root, name="qu", opacity=True, extra=""):
+    spec = f"name={name},images={root / 'images'},lungs={root / 'lungs'},split={root / 'index.csv'}"
+    return spec + (f",opacity={root / 'opacity'}" if opacity else "") + extra
+
+
+def load_prepared(output):
+    datalist = json.loads((output / "datalist.json").read_text())
+    report = json.loads((output / "preparation_report.json").read_text())
+    return datalist, report
+
+
+def test_mask_source_with_opacity_annotated(tmp_path):
+    phantom_list = write_mask_folder_source(tmp_path / "src")
+    output = tmp_path / "out"
+    assert prepare_data.main(["--mask-source", source_spec(tmp_path / "src"), "--output", str(output),
+                              "--val-fraction", "0.25", "--seed", "0"]) == 0  # fmt: skip
+    datalist, report = load_prepared(output)
+    assert sorted(stem(s) for s in datalist["test"]) == ["case_2", "case_5"]  # the published val split, held out
+    assert len(datalist["validation"]) == 1 and len(datalist["training"]) == 3
+    assert report["sources"]["qu"] == {"training": 3, "validation": 1, "test": 2, "opacity_annotated": True}
+    for sample in datalist["training"] + datalist["validation"] + datalist["test"]:
+        assert sample["source"] == "qu" and sample["label"] == f"labels/qu/{stem(sample)}.png"
+        phantom = phantom_list[int(stem(sample).split("_")[1])]
+        labels = read_label_map(str(output / sample["label"]))
+        np.testing.assert_array_equal(labels > 0, phantom.lung)
+        if stem(sample) == "case_1":  # empty opacity mask: annotated clear lungs
+            assert set(np.unique(labels)) == {0, 1}
+        else:
+            assert set(np.unique(labels)) == {0, 1, 2}
+            np.testing.assert_array_equal(labels == 2, phantom.opacity & phantom.lung)
+
+
+def test_mask_source_without_opacity_annotation_and_with_a_wider_lung_field(tmp_path):
+    phantom_list = write_mask_folder_source(tmp_path / "src")
+    field = tmp_path / "field"
+    for index, phantom in enumerate(phantom_list):  # a wider lung field: each lung mask grown by 3 px
+        grown = np.zeros_like(phantom.lung)
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                grown |= np.roll(np.roll(phantom.lung, dy, axis=0), dx, axis=1)
+        phantoms.write_mask_png(field / f"case_{index}.png", grown)
+    output = tmp_path / "out"
+    specs = [source_spec(tmp_path / "src", name="lungs_only", opacity=False),
+             source_spec(tmp_path / "src", name="widened", extra=f",lung_field={field}")]
+    assert prepare_data.main(["--mask-source", specs[0], "--mask-source", specs[1], "--output", str(output),
+                              "--val-fraction", "0", "--seed", "0"]) == 0  # fmt: skip
+    datalist, report = load_prepared(output)
+    assert {s["source"] for s in datalist["training"]} == {"lungs_only", "widened"}
+    assert report["sources"]["lungs_only"]["opacity_annotated"] is False
+    for section in ("training", "test"):
+        for sample in datalist[section]:
+            phantom = phantom_list[int(stem(sample).split("_")[1])]
+            labels = read_label_map(str(output / sample["label"]))
+            if sample["source"] == "lungs_only":
+                assert set(np.unique(labels)) == {0, 3}
+                np.testing.assert_array_equal(labels > 0, phantom.lung)
+            elif section == "training":  # the wider field is lung of unknown opacity; the source's lungs keep 1/2
+                band = labels == 3
+                assert band.any() and not (band & phantom.lung).any()
+                np.testing.assert_array_equal(labels == 1, phantom.lung & (labels != 2))
+            else:  # held-out rows keep the source's masks as drawn
+                np.testing.assert_array_equal(labels > 0, phantom.lung)
+                assert 3 not in np.unique(labels)
+
+
+def test_mask_source_reports_missing_masks_by_name(tmp_path):
+    write_mask_folder_source(tmp_path / "src", without_opacity_mask=(4,))
+    (tmp_path / "src" / "lungs" / "case_0.png").unlink()
+    output = tmp_path / "out"
+    assert prepare_data.main(["--mask-source", source_spec(tmp_path / "src"), "--output", str(output)]) == 0
+    datalist, report = load_prepared(output)
+    assert report["unlabelled"] == [str(tmp_path / "src" / "images" / "case_0.png")]
+    (skipped,) = report["skipped"]
+    assert skipped["file"].endswith("case_4.png") and "no opacity mask" in skipped["reason"]
+    used = {stem(s) for section in datalist.values() for s in section}
+    assert used == {"case_1", "case_2", "case_3", "case_5"}
+
+
+def test_mask_source_spec_errors_name_the_problem(tmp_path):
+    write_mask_folder_source(tmp_path / "src", count=1)
+    for spec, words in ((f"name=x,images={tmp_path / 'src' / 'images'}", "lacks ['lungs']"),
+                        (source_spec(tmp_path / "src", name="labelme"), "reserved"),
+                        (source_spec(tmp_path / "src") + ",colour=red", "unknown key 'colour'"),
+                        (source_spec(tmp_path / "src").replace("/lungs", "/missing"), "not found")):
+        with pytest.raises(SystemExit):
+            prepare_data.main(["--mask-source", spec, "--output", str(tmp_path / "out")])
+        with pytest.raises(Exception) as error:
+            prepare_data.parse_mask_source(spec)
+        assert words in str(error.value)

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from scripts.lung_sides import split_lungs  # noqa: E402
 from scripts.severity import (  # noqa: E402
     NoLungFoundError,
+    SeverityRules,
     compute_severity,
     extent_score,
     opacity_degree,
@@ -183,3 +184,52 @@ def test_same_figures_for_8_and_16_bit_images():
     figures_16bit = compute_severity(lung, opacity, image=image_16bit, spacing_mm=(0.2, 0.1))
     assert figures_8bit == figures_16bit
     assert (figures_8bit["right_opacity_degree"], figures_8bit["left_opacity_degree"]) == (1, 3)
+
+
+FITTED = SeverityRules((10.0, 20.0, 24.0, 40.0), consolidation_min_density=0.5, white_out_min_dense_pct=20.0)
+
+
+def dense_right_faint_left():
+    """Lungs, opacity and radiograph: a quarter of the right lung dense, the whole left lung faint."""
+    right, left = lung_masks()
+    lung = right | left
+    image = radiograph(lung, first_pixels(right, 250), DENSE)
+    image[left] = FAINT
+    return right, left, first_pixels(right, 250) | left, image
+
+
+def test_density_features_against_dark_end_and_soft_tissue():
+    right, left, opacity, image = dense_right_faint_left()
+    lung = right | left
+    result = compute_severity(lung, opacity, image=image)
+    # dark end: the air strips (p5 = 0); soft tissue: the body between the lungs (230)
+    assert result["right_opacity_density"] == round(DENSE / BODY, 3) and result["right_dense_opacity_pct"] == 25.0
+    assert result["left_opacity_density"] == round(FAINT / BODY, 3) and result["left_dense_opacity_pct"] == 0.0
+    clear = compute_severity(lung, np.zeros(SHAPE, bool), image=radiograph(lung, np.zeros(SHAPE, bool), FAINT))
+    assert clear["right_opacity_density"] is None and clear["right_dense_opacity_pct"] == 0.0
+    assert compute_severity(lung, opacity)["right_opacity_density"] is None  # no image, no density
+
+
+def test_fitted_rules_score_extent_and_degree():
+    right, left, opacity, image = dense_right_faint_left()
+    lung = right | left
+    published = compute_severity(lung, opacity, image=image)
+    fitted = compute_severity(lung, opacity, image=image, rules=FITTED)
+    assert (published["right_extent"], published["left_extent"]) == (2, 4)
+    assert (fitted["right_extent"], fitted["left_extent"], fitted["geographic_extent"]) == (3, 4, 7)  # 25 % >= 24
+    # right: dense (0.78 >= 0.5) and 25 % dense opacity (>= 20) -> white-out; left: faint -> ground glass
+    assert (fitted["right_opacity_degree"], fitted["left_opacity_degree"], fitted["opacity_score"]) == (3, 1, 4)
+    smaller = compute_severity(lung, first_pixels(right, 150), image=image, rules=FITTED)  # 15 %: one threshold
+    assert (smaller["right_extent"], smaller["left_extent"], smaller["left_opacity_degree"]) == (1, 0, 0)
+    measurements = [f"{side}_{name}" for side in ("right", "left") for name in ("opacity_pct", "opacity_density",
+                    "dense_opacity_pct", "lung_area_px")]  # fmt: skip
+    assert [fitted[key] for key in measurements] == [published[key] for key in measurements]  # rules change scores only
+
+
+def test_density_measured_when_no_clear_lung_is_left():
+    right, left = lung_masks()
+    lung = right | left
+    result = compute_severity(lung, lung, image=radiograph(lung, lung, DENSE), rules=FITTED)
+    assert result["right_opacity_density"] == result["left_opacity_density"] == round(DENSE / BODY, 3)
+    assert result["right_dense_opacity_pct"] == result["left_dense_opacity_pct"] == 100.0
+    assert (result["geographic_extent"], result["opacity_score"]) == (8, 6)

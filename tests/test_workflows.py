@@ -1,7 +1,9 @@
 """The bundle's configs parse and instantiate, training learns and resumes, the evaluate workflow reports metrics."""
 
+import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,20 +83,38 @@ def test_training_lowers_the_loss_and_resumes_after_interruption(prepared_phanto
 
 
 def test_evaluate_workflow_reports_metrics_on_phantoms(prepared_phantoms, phantom_model, tmp_path):
+    validation = json.loads((prepared_phantoms / "datalist.json").read_text())["validation"]
+    scored = [Path(item["image"]).name for item in validation[:2]]
+    scores = tmp_path / "scores.csv"  # radiologists' scores of two validation images and of one image not evaluated
+    scores.write_text(f"filename,geographic_extent,opacity\n{scored[0]},2,1\n{scored[1]},5.5,3\nnot_here.png,8,6\n")
+    output = tmp_path / "evaluation"
     result = run_bundle(
         "run", "--config_file", f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'evaluate.yaml'}']",
-        "--dataset_dir", str(prepared_phantoms), "--output_dir", str(tmp_path), "--ckpt_path", str(phantom_model),
-        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]",
+        "--dataset_dir", str(prepared_phantoms), "--output_dir", str(output), "--ckpt_path", str(phantom_model),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--scores_csv", str(scores),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    validation = json.loads((prepared_phantoms / "datalist.json").read_text())["validation"]
-    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    rows = (output / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(validation)
-    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    summary = json.loads((output / "metrics_summary.json").read_text())
     assert summary["images"] == len(validation)
     assert summary["lung_dice"]["mean"] > 0.8
     assert 0 <= summary["lung_hd95_px"]["mean"] < 40
-    assert (tmp_path / "severity.csv").is_file()
+    groups = summary["groups"]  # per source and kind of opacity annotation, every image in exactly one group
+    assert sum(group["images"] for group in groups.values()) == len(validation)
+    assert {name.split(", ")[0] for name in groups} == {item["source"] for item in validation}
+    assert groups["mask, not annotated"]["opacity_dice"]["count"] == 0  # lung-only masks never score opacity
+    assert (output / "severity.csv").is_file()
+
+    with open(output / "severity.csv", newline="") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    agreement = json.loads((output / "score_agreement.json").read_text())
+    assert (agreement["images"], agreement["matched"], agreement["scores_without_image"]) == (len(validation), 2, 1)
+    assert agreement["unscored_images"] == len(validation) - 2 and agreement["severity_rules"] == ["calibrated"]
+    for column, truth in (("geographic_extent", (2, 5.5)), ("opacity_score", (1, 3))):
+        predicted = [float(rows[name][column]) for name in scored]
+        expected = sum(abs(p - t) for p, t in zip(predicted, truth)) / 2
+        assert agreement[column]["n"] == 2 and agreement[column]["mae"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("run_id", ["training", "run"])

@@ -45,10 +45,17 @@ def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def image_row(name: str, predicted: np.ndarray, labels: np.ndarray) -> dict:
-    """Metrics of one image (class maps of the same shape) as a flat row."""
-    row = {"image": name}
-    annotated = not (labels == LUNG_UNANNOTATED).any()
+def opacity_annotation(labels: np.ndarray) -> str:
+    """How a label map annotates opacity: "present", "clear" (annotated, none) or "not annotated" (label 3)."""
+    if (labels == LUNG_UNANNOTATED).any():
+        return "not annotated"
+    return "present" if (labels == OPACITY).any() else "clear"
+
+
+def image_row(name: str, predicted: np.ndarray, labels: np.ndarray, source: str = "") -> dict:
+    """Metrics of one image (class maps of the same shape) as a flat row; ``source`` names the dataset it came from."""
+    row = {"image": name, "source": source, "opacity_annotation": opacity_annotation(labels)}
+    annotated = row["opacity_annotation"] != "not annotated"
     pairs = {"lung": (predicted != BACKGROUND, labels != BACKGROUND), "opacity": (predicted == OPACITY, labels == OPACITY)}
     for structure, (prediction, truth) in pairs.items():
         values = segmentation_metrics(prediction, truth) if structure == "lung" or annotated else {}
@@ -83,25 +90,25 @@ class MetricsWriter:
         self.rows = []
 
     def iteration_completed(self, engine) -> None:
-        for item in engine.state.output:
+        for index, item in enumerate(engine.state.output):  # the evaluator's output keeps image, label and pred only
             predicted = np.asarray(item[self.pred_key])[0].astype(np.uint8)
             rows, columns = predicted.shape
             labels = np.asarray(item[self.label_key])[0, :rows, :columns].astype(np.uint8)  # batches pad at the end
             name = os.path.basename(str(item[self.image_key].meta["filename_or_obj"]))
-            self.rows.append(image_row(name, predicted, labels))
+            source = str(engine.state.batch[index].get("source", ""))
+            self.rows.append(image_row(name, predicted, labels, source))
 
     def summary(self) -> dict:
-        """Mean, median and count of every numeric column (NaN values left out)."""
-        summary = {"images": len(self.rows)}
-        for column in self.rows[0] if self.rows else []:
-            values = np.asarray([row[column] for row in self.rows if isinstance(row[column], (int, float))], float)
-            values = values[np.isfinite(values)]
-            if column != "image":
-                summary[column] = {
-                    "mean": float(values.mean()) if values.size else None,
-                    "median": float(np.median(values)) if values.size else None,
-                    "count": int(values.size),
-                }
+        """Mean, median and count of every numeric column (NaN values left out), over all images and per group.
+
+        A group is the images of one source with one kind of opacity annotation ("present", "clear", "not
+        annotated"), e.g. the opacity Dice of one dataset's images with opacity, or the predicted opacity percentage
+        of its clear lungs.
+        """
+        summary = {"images": len(self.rows), **column_statistics(self.rows), "groups": {}}
+        for group in sorted({(row["source"], row["opacity_annotation"]) for row in self.rows}):
+            members = [row for row in self.rows if (row["source"], row["opacity_annotation"]) == group]
+            summary["groups"][", ".join(part for part in group if part)] = {"images": len(members), **column_statistics(members)}
         return summary
 
     def completed(self, engine=None) -> None:
@@ -114,6 +121,21 @@ class MetricsWriter:
         lung_dice = summary["lung_dice"]["mean"]
         opacity_dice = summary["opacity_dice"]["mean"]
         self.logger.info(f"{len(self.rows)} images: mean lung Dice {lung_dice}, mean opacity Dice {opacity_dice}")
+
+
+def column_statistics(rows: list[dict]) -> dict:
+    """Mean, median and count of every numeric column of ``rows`` (NaN values left out)."""
+    statistics = {}
+    for column in rows[0] if rows else []:
+        values = np.asarray([row[column] for row in rows if isinstance(row[column], (int, float))], float)
+        values = values[np.isfinite(values)]
+        if values.size or all(isinstance(row[column], (int, float)) for row in rows):
+            statistics[column] = {
+                "mean": float(values.mean()) if values.size else None,
+                "median": float(np.median(values)) if values.size else None,
+                "count": int(values.size),
+            }
+    return statistics
 
 
 def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:

@@ -481,7 +481,9 @@ class EvaluationTracker(_RunLogger):
         output_dir: str,
         params: Mapping | None = None,
         datalist: str | None = None,
-        artifacts: Sequence[str] = ("metrics.csv", "metrics_summary.json", "severity.csv", "severity.json"),
+        artifacts: Sequence[str] = (
+            "metrics.csv", "metrics_summary.json", "severity.csv", "severity.json", "score_agreement.json"
+        ),
         tags: Mapping | None = None,
         bundle_root: str | None = None,
         cooldown: float = 60.0,
@@ -515,10 +517,15 @@ class EvaluationTracker(_RunLogger):
 
 
 def summary_metrics(summary: Mapping) -> dict:
-    """Flatten ``metrics_summary.json`` to ``{"images": n, "<figure>_mean": ..., "<figure>_median": ...}``."""
+    """Flatten ``metrics_summary.json`` to ``{"images": n, "<figure>_mean": ..., "<figure>_median": ...}``; a group's
+    figures as ``<group>/<figure>_mean`` (e.g. ``covid-qu-ex present/opacity_dice_mean``)."""
     metrics = {}
     for key, value in summary.items():
-        if isinstance(value, Mapping):
+        if key == "groups":
+            for group, figures in value.items():
+                name = group.replace(",", "")
+                metrics.update({f"{name}/{figure}": number for figure, number in summary_metrics(figures).items()})
+        elif isinstance(value, Mapping):
             for statistic in ("mean", "median"):
                 if isinstance(value.get(statistic), (int, float)):
                     metrics[f"{key}_{statistic}"] = value[statistic]

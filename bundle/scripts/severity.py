@@ -2,24 +2,33 @@
 
 Per lung (patient's right and left, see :mod:`scripts.lung_sides`):
 
-* geographic extent 0-4 from the percentage of the lung covered by opacity (:func:`extent_score`);
-* opacity degree 0-3 from how dense the opacity is on the radiograph (:func:`opacity_degree`).
+* geographic extent 0-4 from the percentage of the lung covered by opacity (:func:`extent_scores`);
+* opacity degree 0-3 from how dense the opacity is on the radiograph: with :class:`SeverityRules` fitted against
+  radiologists (``models/severity_calibration.json``, :mod:`scripts.severity_calibration`) from the density features
+  of :func:`density_features` (:func:`calibrated_degrees`), else by the hand-set rule of :func:`opacity_degree`.
 
 The sums over both lungs are the geographic extent score (0-8) and the opacity score (0-6).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from scripts.lung_sides import split_lungs
 
-# Geographic extent: upper bounds (exclusive, in percent of the lung) of scores 1, 2 and 3. A bound itself belongs to
-# the higher score: (0, 25) -> 1, [25, 50) -> 2, [50, 75) -> 3, [75, 100] -> 4; exactly 0 % -> 0.
-EXTENT_BINS = (25.0, 50.0, 75.0)
+# Geographic extent, published bins: the lowest opacity percentage of the lung that scores 1, 2, 3 and 4. A bound
+# itself belongs to the higher score: (0, 25) -> 1, [25, 50) -> 2, [50, 75) -> 3, [75, 100] -> 4; exactly 0 % -> 0.
+PUBLISHED_EXTENT_THRESHOLDS = (0.0, 25.0, 50.0, 75.0)
+
+# Density features (density_references): relative density 0 is the dark end of the image (its IMAGE_LOW_PERCENTILE th
+# percentile), 1 is soft tissue (median of the image outside the lung fields within their bounding box); an opacity
+# pixel at or above DENSE_LEVEL is dense opacity.
+DENSE_LEVEL = 0.5
+# per-lung columns (``right_<name>``, ``left_<name>``) that calibrated_degrees reads, in its argument order
+DEGREE_FEATURES = ("extent", "opacity_density", "dense_opacity_pct")
 
 # Opacity degree: relative density d of the opacity (see opacity_degree) at or above which it counts as dense.
 CONSOLIDATION_MIN_RELATIVE_DENSITY = 0.35  # d measured against the clear lung of the same image
@@ -35,13 +44,59 @@ class NoLungFoundError(ValueError):
     """The lung mask holds no lung pixel, so no severity can be computed."""
 
 
-def extent_score(percent: float) -> int:
+@dataclass(frozen=True)
+class SeverityRules:
+    """Constants of the fitted score rules (see :func:`extent_scores` and :func:`calibrated_degrees`).
+
+    ``extent_thresholds_pct``: the lowest opacity percentage of a lung that scores extent 1, 2, 3 and 4;
+    ``consolidation_min_density``: relative density of the opacity from which it counts as consolidation;
+    ``white_out_min_dense_pct``: percentage of the lung covered by dense opacity from which it counts as white-out.
+    """
+
+    extent_thresholds_pct: tuple[float, float, float, float]
+    consolidation_min_density: float
+    white_out_min_dense_pct: float
+
+    def __post_init__(self):
+        thresholds = tuple(float(value) for value in self.extent_thresholds_pct)
+        if len(thresholds) != 4 or list(thresholds) != sorted(thresholds) or not all(map(math.isfinite, thresholds)):
+            raise ValueError(f"extent thresholds must be 4 finite increasing percentages, got {thresholds}")
+        if not (math.isfinite(self.consolidation_min_density) and math.isfinite(self.white_out_min_dense_pct)):
+            raise ValueError("the consolidation and white-out thresholds must be finite numbers")
+        object.__setattr__(self, "extent_thresholds_pct", thresholds)
+
+
+def extent_scores(percent, thresholds=PUBLISHED_EXTENT_THRESHOLDS) -> np.ndarray:
+    """Geographic extent 0-4 of lungs (array of opacity percentages): the number of ``thresholds`` reached.
+
+    A lung without opacity (exactly 0 %) scores 0 whatever the thresholds; the published bins are
+    :data:`PUBLISHED_EXTENT_THRESHOLDS`.
+    """
+    percent = np.asarray(percent, dtype=float)
+    reached = sum((percent >= threshold).astype(int) for threshold in thresholds)
+    return np.where(percent > 0, reached, 0)
+
+
+def extent_score(percent: float, thresholds=PUBLISHED_EXTENT_THRESHOLDS) -> int:
     """Cohen geographic extent 0-4 of one lung from the percentage (0-100) of it covered by opacity."""
     if not 0.0 <= percent <= 100.0:  # also rejects NaN
         raise ValueError(f"opacity percentage must lie in [0, 100], got {percent}")
-    if percent == 0.0:
-        return 0
-    return 1 + bisect.bisect_right(EXTENT_BINS, percent)
+    return int(extent_scores(percent, thresholds))
+
+
+def calibrated_degrees(
+    extent, opacity_density, dense_opacity_pct, consolidation_min_density, white_out_min_dense_pct
+) -> np.ndarray:
+    """Opacity degree 0-3 of lungs (arrays) by the fitted rule: the number of criteria an involved lung meets.
+
+    A lung of extent 0 has degree 0; an involved lung scores 1 (ground glass), plus 1 when its opacity density is at
+    least ``consolidation_min_density``, plus 1 when dense opacity covers at least ``white_out_min_dense_pct`` of it
+    (the constants of :class:`SeverityRules`). A density that could not be measured (None or NaN) meets no criterion.
+    """
+    density = np.asarray(opacity_density, dtype=float)  # None becomes NaN, which compares False
+    dense_pct = np.asarray(dense_opacity_pct, dtype=float)
+    degree = 1 + (density >= consolidation_min_density).astype(int) + (dense_pct >= white_out_min_dense_pct)
+    return np.where(np.asarray(extent) > 0, degree, NO_OPACITY)
 
 
 def opacity_degree(
@@ -95,24 +150,68 @@ def opacity_degree(
     return CONSOLIDATION
 
 
+def density_references(
+    image: np.ndarray, lung: np.ndarray, image_range: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
+    """(dark, soft tissue) intensities that relative density 0 and 1 stand for; None when not measurable.
+
+    Dark: the image's :data:`IMAGE_LOW_PERCENTILE` th percentile (air or background, else the most aerated lung),
+    which needs no clear lung and does not rise when both lungs are opaque. Soft tissue: the median outside the lung
+    fields within their bounding box (mediastinum, heart, diaphragm, chest wall), or the image's 95th percentile
+    when the box holds no such pixel; ``image_range`` is the image's :func:`image_percentile_range`, computed when
+    not given. None when the soft tissue is not denser than the dark end (flat image).
+    """
+    rows, columns = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    outside = image[box][~lung[box]]
+    dark, high = image_percentile_range(image) if image_range is None else image_range
+    soft_tissue = float(np.median(outside)) if outside.size else high
+    return (dark, soft_tissue) if soft_tissue > dark else None
+
+
+def density_features(
+    image: np.ndarray, lung: np.ndarray, opacity: np.ndarray, references: tuple[float, float] | None
+) -> tuple[float | None, float | None]:
+    """(opacity density, dense opacity %) of one lung, the features of :func:`calibrated_degrees`.
+
+    ``lung`` is this lung's mask, ``opacity`` the opacity mask (only its pixels in ``lung`` count) and ``references``
+    the image's :func:`density_references`. Relative density = (intensity - dark) / (soft tissue - dark), a ratio of
+    intensity differences, so 8/16-bit scaling changes nothing. Opacity density: that of the median of the
+    opacity in the lung (None without opacity); dense opacity %: the percentage of the lung covered by opacity
+    pixels of relative density >= :data:`DENSE_LEVEL` (0.0 without opacity). Both None without references.
+    """
+    if references is None:
+        return None, None
+    values = image[opacity & lung]
+    if not values.size:
+        return None, 0.0
+    dark, soft_tissue = references
+    dense = values >= dark + DENSE_LEVEL * (soft_tissue - dark)
+    density = (float(np.median(values)) - dark) / (soft_tissue - dark)
+    return round(density, 3), round(_percent(int(dense.sum()), int(lung.sum())), 2)
+
+
 def compute_severity(
     lung_mask: np.ndarray,
     opacity_mask: np.ndarray,
     image: np.ndarray | None = None,
     spacing_mm: tuple[float, float] | None = None,
+    rules: SeverityRules | None = None,
 ) -> dict:
-    """Areas, opacity percentages and Cohen scores of a 2D lung mask and opacity mask (``> 0`` counts as set).
+    """Areas, opacity percentages, density features and Cohen scores of a 2D lung mask and opacity mask.
 
-    Opacity outside the lung is ignored. Percentages are rounded to 2 decimals; extents are scored from the unrounded
-    percentages. Opacity degrees and ``opacity_score`` are None without ``image``; ``*_cm2`` areas (rounded to 2
-    decimals) are None without ``spacing_mm`` = (row spacing, column spacing) in mm. Raises
-    :class:`NoLungFoundError` when the lung mask is empty.
+    ``> 0`` counts as set; opacity outside the lung is ignored. Percentages are rounded to 2 decimals; extents are
+    scored from the unrounded percentages, with ``rules`` (fitted) when given, else with the published bins and the
+    hand-set density rule of :func:`opacity_degree`. Density features, opacity degrees and ``opacity_score`` are
+    None without ``image``; ``*_cm2`` areas (rounded to 2 decimals) are None without ``spacing_mm`` = (row spacing,
+    column spacing) in mm. Raises :class:`NoLungFoundError` when the lung mask is empty.
     """
     lung = np.asarray(lung_mask) > 0
     opacity = (np.asarray(opacity_mask) > 0) & lung
     if lung.ndim != 2 or lung.shape != np.shape(opacity_mask):
         raise ValueError(f"lung mask {lung.shape} and opacity mask {np.shape(opacity_mask)} must be the same 2D shape")
-    if image is not None and np.shape(image) != lung.shape:
+    image = None if image is None else np.asarray(image)
+    if image is not None and image.shape != lung.shape:
         raise ValueError(f"image {np.shape(image)} and masks {lung.shape} must have the same shape")
     if not lung.any():
         raise NoLungFoundError("no lung field found in the image")
@@ -125,23 +224,37 @@ def compute_severity(
         "opacity_area_px": opacity_area,
         "opacity_pct": round(_percent(opacity_area, lung_area), 2),
     }
+    thresholds = PUBLISHED_EXTENT_THRESHOLDS if rules is None else rules.extent_thresholds_pct
+    image_range = None if image is None else image_percentile_range(image)
+    references = None if image is None else density_references(image, lung, image_range)
     for side, side_lung in (("right", right_lung), ("left", left_lung)):
         side_area = int(side_lung.sum())
         side_percent = _percent(int((opacity & side_lung).sum()), side_area)
         result[f"{side}_lung_area_px"] = side_area
         result[f"{side}_opacity_pct"] = round(side_percent, 2)
-        result[f"{side}_extent"] = extent_score(side_percent)
+        result[f"{side}_extent"] = extent_score(side_percent, thresholds)
+        density, dense_pct = (None, None) if image is None else density_features(image, side_lung, opacity, references)
+        result.update({f"{side}_opacity_density": density, f"{side}_dense_opacity_pct": dense_pct})
     result["geographic_extent"] = result["right_extent"] + result["left_extent"]
 
     if image is None:
-        right_degree = left_degree = opacity_score = None
-    else:
+        degrees = (None, None)
+    elif rules is None:
         clear_lung = lung & ~opacity
-        image_range = image_percentile_range(image)
-        right_degree = opacity_degree(image, right_lung, opacity, clear_lung, image_range)
-        left_degree = opacity_degree(image, left_lung, opacity, clear_lung, image_range)
-        opacity_score = right_degree + left_degree
-    result.update(right_opacity_degree=right_degree, left_opacity_degree=left_degree, opacity_score=opacity_score)
+        degrees = tuple(
+            opacity_degree(image, side, opacity, clear_lung, image_range) for side in (right_lung, left_lung)
+        )
+    else:
+        constants = (rules.consolidation_min_density, rules.white_out_min_dense_pct)
+        degrees = tuple(
+            int(calibrated_degrees(*(result[f"{side}_{key}"] for key in DEGREE_FEATURES), *constants))
+            for side in ("right", "left")
+        )
+    result.update(
+        right_opacity_degree=degrees[0],
+        left_opacity_degree=degrees[1],
+        opacity_score=None if image is None else sum(degrees),
+    )
 
     if spacing_mm is None:
         result.update(lung_area_cm2=None, opacity_area_cm2=None)

@@ -24,6 +24,7 @@ from scripts.labels import BACKGROUND, OPACITY
 from scripts.overlay import draw_overlay
 from scripts.radiograph_io import file_stem
 from scripts.severity import NoLungFoundError, compute_severity
+from scripts.severity_calibration import file_sha256, load_calibration
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -49,6 +50,11 @@ CSV_COLUMNS = [
     "rows",
     "columns",
     "pixel_spacing_mm",
+    "right_opacity_density",
+    "left_opacity_density",
+    "right_dense_opacity_pct",
+    "left_dense_opacity_pct",
+    "severity_rules",
 ]
 
 
@@ -61,7 +67,10 @@ class SeverityWriter:
 
     Args:
         output_dir: folder for the per-image folders, ``severity.csv`` and ``severity.json``.
-        settings: run settings recorded in ``severity.json`` (model version, device, ...).
+        settings: run settings recorded in ``severity.json`` (model version, device, ...); the SHA-256 of its
+            ``model_file`` is added, and checked against the weights the calibration was fitted on.
+        severity_calibration: the fitted score constants (``models/severity_calibration.json``); None or a missing
+            file: published extent bins and hand-set density rule. ``severity.json`` records which, and the constants.
         write_images: write the mask and overlay PNGs (the evaluate workflow only needs the table).
         write_overlays: with ``write_images``, also draw and write the overlay PNG (False: masks only, faster).
         min_lung_fraction: a prediction whose lung field covers less of the image is reported as "no lung found".
@@ -73,6 +82,7 @@ class SeverityWriter:
         self,
         output_dir: str,
         settings: dict | None = None,
+        severity_calibration: str | None = None,
         write_images: bool = True,
         write_overlays: bool = True,
         min_lung_fraction: float = 0.02,
@@ -84,6 +94,12 @@ class SeverityWriter:
     ):
         self.output_dir = output_dir
         self.settings = dict(settings or {})
+        model_file = self.settings.get("model_file")
+        if model_file and os.path.isfile(model_file):
+            self.settings["model_sha256"] = file_sha256(model_file)
+        self.rules, self.settings["severity_rules"] = load_calibration(
+            severity_calibration, self.settings.get("model_sha256")
+        )
         self.write_images = write_images
         self.write_overlays = _as_bool(write_overlays, "write_overlays")
         self.min_lung_fraction = min_lung_fraction
@@ -168,8 +184,13 @@ class SeverityWriter:
                 "is it a frontal chest radiograph?"
             )
         spacing = spacing if all(math.isfinite(value) and value > 0 for value in spacing) else None
-        figures = compute_severity(lung, opacity, image=grey, spacing_mm=spacing)
-        figures.update(rows=rows, columns=columns, pixel_spacing_mm="" if spacing is None else f"{spacing[0]}x{spacing[1]}")
+        figures = compute_severity(lung, opacity, image=grey, spacing_mm=spacing, rules=self.rules)
+        figures.update(
+            rows=rows,
+            columns=columns,
+            pixel_spacing_mm="" if spacing is None else f"{spacing[0]}x{spacing[1]}",
+            severity_rules=self.settings["severity_rules"]["rules"],
+        )
         if self.write_images:
             self._write_images(path, lung, opacity, grey, figures)
         return figures
