@@ -259,7 +259,9 @@ def main(argv=None) -> int:
         print(f"skipped {name}: {reason}")
     patients = len(set(images.patients))
     if patients < max(2, args.folds):
-        raise SystemExit(f"error: {len(images.names)} usable scored images of {patients} patients: too few for the folds")
+        raise SystemExit(
+            f"error: {len(images.names)} usable scored images of {patients} patients: too few for the folds"
+        )
     print(f"{len(images.names)} scored images of {patients} patients, {args.folds} folds by patient (seed {args.seed})")
     validation = cross_validate(images, args.folds, args.seed)
     input_scores = {

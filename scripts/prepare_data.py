@@ -434,7 +434,8 @@ def main(argv=None) -> int:
         print("error: give --images, --labelme and/or --mask-source", file=sys.stderr)
         return 2
     output = os.path.abspath(args.output)
-    source_folders = [source.get(key) for source in args.mask_source for key in ("images", "lungs", "opacity", "lung_field")]
+    folder_keys = ("images", "lungs", "opacity", "lung_field")
+    source_folders = [source.get(key) for source in args.mask_source for key in folder_keys]
     for given in (args.images, args.masks, *args.extra_masks, args.labelme, *source_folders):
         if given and os.path.abspath(given) == output:
             print(f"error: --output {output} is an input folder; choose another", file=sys.stderr)

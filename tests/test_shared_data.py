@@ -110,7 +110,8 @@ def quex_validation_subset(count: int, image_class: str) -> list[str]:
     import csv
 
     with open(QUEX / "index.csv", newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["published_split"] == "val" and row["class"] == image_class]
+        rows = list(csv.DictReader(handle))
+    rows = [row for row in rows if row["published_split"] == "val" and row["class"] == image_class]
     return sorted(row["image"] for row in rows)[:count]
 
 
@@ -128,7 +129,8 @@ def test_shared_shipped_weights_find_covid_qu_ex_opacity(shared_data, tmp_path):
     assert prepare_data.main(["--mask-source", spec, "--output", str(tmp_path / "prepared")]) == 0
     result = run_bundle(
         "run", "--config_file", f"['{BUNDLE / 'configs' / 'inference.yaml'}','{BUNDLE / 'configs' / 'evaluate.yaml'}']",
-        "--dataset_dir", str(tmp_path / "prepared"), "--datalist_key", "test", "--output_dir", str(tmp_path / "evaluation"),
+        "--dataset_dir", str(tmp_path / "prepared"), "--datalist_key", "test",
+        "--output_dir", str(tmp_path / "evaluation"),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     groups = json.loads((tmp_path / "evaluation" / "metrics_summary.json").read_text())["groups"]

@@ -108,7 +108,8 @@ class MetricsWriter:
         summary = {"images": len(self.rows), **column_statistics(self.rows), "groups": {}}
         for group in sorted({(row["source"], row["opacity_annotation"]) for row in self.rows}):
             members = [row for row in self.rows if (row["source"], row["opacity_annotation"]) == group]
-            summary["groups"][", ".join(part for part in group if part)] = {"images": len(members), **column_statistics(members)}
+            name = ", ".join(part for part in group if part)
+            summary["groups"][name] = {"images": len(members), **column_statistics(members)}
         return summary
 
     def completed(self, engine=None) -> None:
