@@ -194,15 +194,29 @@ def read_patient_ids(csv_path: str | None, filename_column: str, patient_column:
     return {file_stem(row[filename_column]): str(row[patient_column]) for row in rows if row.get(filename_column)}
 
 
-def lung_mask_label_map(mask_path: str, shape: tuple[int, int]) -> np.ndarray:
-    """Lung-only label map: lung pixels get 3 (opacity not annotated)."""
-    mask = read_label_map(mask_path)
+def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask (> 0) of ``path``, which must have the image's ``shape``."""
+    mask = read_label_map(path)
     if mask.shape != shape:
-        raise RadiographError(mask_path, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+        raise RadiographError(path, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+    return mask > 0
+
+
+def lung_mask_label_map(lung_path: str, shape: tuple[int, int], opacity_path: str | None = None) -> np.ndarray:
+    """Label map of a lung mask and, for an opacity-annotated source, its opacity mask (kept inside the lung).
+
+    Not annotated (``opacity_path`` None): lung 3. Annotated: lung 1 (clear), opacity 2, so an empty opacity mask
+    says the lungs are clear.
+    """
+    lung = read_mask(lung_path, shape)
+    if not lung.any():
+        raise RadiographError(lung_path, "mask holds no lung pixel")
     labels = np.full(shape, BACKGROUND, dtype=np.uint8)
-    labels[mask > 0] = LUNG_UNANNOTATED
-    if not (labels > 0).any():
-        raise RadiographError(mask_path, "mask holds no lung pixel")
+    if opacity_path is None:
+        labels[lung] = LUNG_UNANNOTATED
+    else:
+        labels[lung] = CLEAR_LUNG
+        labels[lung & read_mask(opacity_path, shape)] = OPACITY
     return labels
 
 
@@ -281,32 +295,6 @@ def read_published_split(source: dict) -> dict[str, str]:
     return {file_stem(row[source["image_column"]]): row[source["split_column"]].strip().lower() for row in rows}
 
 
-def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
-    """Boolean mask (> 0) of ``path``, which must have the image's ``shape``."""
-    mask = read_label_map(path)
-    if mask.shape != shape:
-        raise RadiographError(path, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
-    return mask > 0
-
-
-def mask_source_label_map(lung_path: str, opacity_path: str | None, shape: tuple[int, int]) -> np.ndarray:
-    """Label map of a lung mask and, for an opacity-annotated source, its opacity mask (kept inside the lung).
-
-    Annotated: lung 1 (clear), opacity 2, so an empty opacity mask says the lungs are clear. Not annotated
-    (``opacity_path`` None): lung 3.
-    """
-    lung = read_mask(lung_path, shape)
-    if not lung.any():
-        raise RadiographError(lung_path, "mask holds no lung pixel")
-    labels = np.full(shape, BACKGROUND, dtype=np.uint8)
-    if opacity_path is None:
-        labels[lung] = LUNG_UNANNOTATED
-    else:
-        labels[lung] = CLEAR_LUNG
-        labels[lung & read_mask(opacity_path, shape)] = OPACITY
-    return labels
-
-
 def collect_mask_source(source: dict, report: dict) -> list[dict]:
     """One sample per image of a mask-folder source; images without a lung (or opacity) mask are reported."""
     images = list_images(source["images"])
@@ -326,7 +314,7 @@ def collect_mask_source(source: dict, report: dict) -> list[dict]:
             if published and stem not in published:
                 raise RadiographError(image_path, f"not listed in the split table {source['split']}")
             shape = read_radiograph(image_path).pixels.shape
-            labels = mask_source_label_map(lungs[stem], opacity.get(stem) if annotated else None, shape)
+            labels = lung_mask_label_map(lungs[stem], shape, opacity.get(stem) if annotated else None)
         except RadiographError as error:
             report["skipped"].append({"file": error.path, "reason": error.problem})
             continue
