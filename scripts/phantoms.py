@@ -154,11 +154,13 @@ def _jpeg_bytes(array8: np.ndarray) -> bytes:
 
 
 def write_dicom(path, image01: np.ndarray, bits: int = 16, photometric: str = "MONOCHROME2", spacing_mm=None,
-                transfer_syntax: str = "explicit", window=None, spacing_tag: str = "PixelSpacing") -> None:
+                transfer_syntax: str = "explicit", window=None, spacing_tag: str = "PixelSpacing",
+                extra_tags: dict | None = None) -> None:
     """DX DICOM (Part 10 file with preamble); a (frames, rows, columns) array gives a multi-frame file.
 
     ``photometric="MONOCHROME1"`` stores inverted values; ``window`` = (centre, width) in stored values;
     ``spacing_mm`` = (row, column) goes to ``spacing_tag`` (PixelSpacing, ImagerPixelSpacing or both);
+    ``extra_tags`` = {keyword: value} are set last (e.g. PresentationLUTShape, Modality, ViewPosition);
     ``transfer_syntax``: explicit, rle, jpeg2000 (lossless, pylibjpeg-openjpeg) or jpeg_baseline (8-bit only; a
     Pillow JPEG encapsulated by hand since pydicom has no JPEG baseline encoder).
     """
@@ -205,6 +207,8 @@ def write_dicom(path, image01: np.ndarray, bits: int = 16, photometric: str = "M
             setattr(ds, tag, value)
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = f"{float(window[0]):.6g}", f"{float(window[1]):.6g}"
+    for keyword, value in (extra_tags or {}).items():
+        setattr(ds, keyword, value)
 
     if transfer_syntax == "jpeg_baseline":
         planes = stored if stored.ndim == 3 else stored[None]
@@ -224,13 +228,19 @@ def write_dicom(path, image01: np.ndarray, bits: int = 16, photometric: str = "M
     pydicom.dcmwrite(_makedirs_for(path), ds, enforce_file_format=True)
 
 
-def write_nifti(path, image01: np.ndarray, spacing_mm=None) -> None:
-    """2D NIfTI: voxel (i, j) = column i, row j (the array is stored transposed); zooms (column mm, row mm)."""
+def write_nifti(path, image01: np.ndarray, spacing_mm=None, units: str | None = "mm") -> None:
+    """2D NIfTI: voxel (i, j) = column i, row j (the array is stored transposed); zooms (column mm, row mm).
+
+    ``units`` goes to ``xyzt_units`` (None leaves it unknown); without ``spacing_mm`` the zooms are the 1.0 default.
+    """
     import nibabel
 
     row_mm, col_mm = spacing_mm if spacing_mm is not None else (1.0, 1.0)
     affine = np.diag([float(col_mm), float(row_mm), 1.0, 1.0])
-    nibabel.save(nibabel.Nifti1Image(np.asarray(image01, dtype=np.float32).T, affine), _makedirs_for(path))
+    image = nibabel.Nifti1Image(np.asarray(image01, dtype=np.float32).T, affine)
+    if units is not None:
+        image.header.set_xyzt_units(xyz=units)
+    nibabel.save(image, _makedirs_for(path))
 
 
 def write_mask_png(path, mask: np.ndarray) -> None:

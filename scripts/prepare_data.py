@@ -48,7 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
 from scripts.label_io import atomic_write, read_label_map, write_json, write_png  # noqa: E402
-from scripts.labelme import read_labelme  # noqa: E402
+from scripts.labelme import annotated_image_path, read_labelme  # noqa: E402
 from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED, OPACITY  # noqa: E402
 from scripts.radiograph_io import (  # noqa: E402
     SUPPORTED_EXTENSIONS,
@@ -236,6 +236,40 @@ def save_embedded_image(annotation, output: str, stem: str) -> str:
     return path
 
 
+def labelme_image_stem(json_path: str) -> str:
+    """Stem of the image a LabelMe file annotates: its imagePath's when that file exists, else the JSON file's."""
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            image_path = annotated_image_path(json_path, json.load(handle).get("imagePath"))
+    except (OSError, ValueError, AttributeError):  # unreadable: read_labelme reports it
+        image_path = None
+    return file_stem(image_path or json_path)
+
+
+def read_labelme_folder(folder: str | None, report: dict):
+    """Yield (image stem, LabelMe annotation) for every usable JSON file in ``folder``, one at a time.
+
+    A file that cannot be used, and every file of an image annotated by more than one file (the same image stem,
+    e.g. the same imagePath), goes to ``report['skipped']`` naming the files; none of them is used, and the image is
+    prepared like an image without LabelMe file (from its --masks mask, if any).
+    """
+    by_stem: dict[str, list[str]] = {}
+    for json_name in sorted(os.listdir(folder)) if folder else []:
+        if json_name.lower().endswith(".json"):
+            json_path = os.path.join(folder, json_name)
+            by_stem.setdefault(labelme_image_stem(json_path), []).append(json_path)
+    for stem, json_paths in by_stem.items():
+        if len(json_paths) > 1:
+            names = " and ".join(json_paths)
+            reason = f"image {stem!r} is annotated by {len(json_paths)} LabelMe files ({names}); none is used"
+            report["skipped"] += [{"file": json_path, "reason": reason} for json_path in json_paths]
+            continue
+        try:
+            yield stem, read_labelme(json_paths[0])
+        except RadiographError as error:
+            report["skipped"].append({"file": error.path, "reason": error.problem})
+
+
 def collect_samples(args, report: dict) -> list[dict]:
     """One sample per image that has a usable label; problems go to ``report['skipped']``."""
     images = list_images(args.images)
@@ -246,13 +280,9 @@ def collect_samples(args, report: dict) -> list[dict]:
     clear = clear_stems(args)
     samples: dict[str, dict] = {}
 
-    for json_name in sorted(os.listdir(args.labelme)) if args.labelme else []:
-        if not json_name.lower().endswith(".json"):
-            continue
-        json_path = os.path.join(args.labelme, json_name)
+    for stem, annotation in read_labelme_folder(args.labelme, report):
+        json_path = annotation.json_path
         try:
-            annotation = read_labelme(json_path)
-            stem = file_stem(annotation.image_path) if annotation.image_path else file_stem(json_name)
             image_path = annotation.image_path or images.get(stem)
             if image_path is None:
                 image_path = save_embedded_image(annotation, args.output, stem)

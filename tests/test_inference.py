@@ -11,7 +11,7 @@ from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, run_bundle
 from PIL import Image
 
 REQUIRED_COLUMNS = [
-    "image", "status", "message", "lung_area_px", "opacity_area_px", "opacity_pct", "right_opacity_pct",
+    "image", "status", "message", "warning", "lung_area_px", "opacity_area_px", "opacity_pct", "right_opacity_pct",
     "left_opacity_pct", "geographic_extent", "opacity_score", "lung_area_cm2", "opacity_area_cm2",
 ]  # fmt: skip
 ROWS, COLUMNS = 200, 240
@@ -124,7 +124,9 @@ def writer_row(tmp_path, class_map, **writer_args):
     rows, columns = class_map.shape
     meta = {"filename_or_obj": str(tmp_path / "case.png"), "spacing_mm": (float("nan"),) * 2, "error": ""}
     image = MetaTensor(torch.zeros(1, 8, 8), meta=meta)
-    display = torch.full((1, rows, columns), 100, dtype=torch.uint8)
+    # a plausible radiograph for the input gate: dark lungs, brighter body, a few dozen grey levels
+    grey = np.where(class_map > 0, 60, 170) + np.arange(columns)[None, :] % 24
+    display = torch.as_tensor(grey[None].astype(np.uint8))
     row = writer.add(image, torch.as_tensor(class_map[None]), display)
     writer.completed()
     return row
@@ -133,13 +135,14 @@ def writer_row(tmp_path, class_map, **writer_args):
 def test_a_lung_on_the_image_left_is_the_patients_right(tmp_path):
     class_map = np.zeros((100, 120), np.uint8)
     class_map[20:80, 10:50] = 1
-    class_map[20:40, 10:50] = 2  # a quarter of the lung
+    class_map[20:40, 10:50] = 2  # a third of the lung on the image's left
+    class_map[20:80, 70:100] = 1  # a smaller clear lung on the image's right
     row = writer_row(tmp_path, class_map)
     assert row["status"] == "ok"
-    assert row["right_lung_area_px"] == 2400 and row["left_lung_area_px"] == 0
+    assert row["right_lung_area_px"] == 2400 and row["left_lung_area_px"] == 1800
     assert row["right_opacity_pct"] == pytest.approx(100 / 3, abs=0.01) and row["left_opacity_pct"] == 0
     lung = mask(tmp_path, "case", "lung") > 0
-    assert lung[20:80, 10:50].all() and lung.sum() == 2400
+    assert lung[20:80, 10:50].all() and lung[20:80, 70:100].all() and lung.sum() == 4200
 
 
 def test_rows_follow_the_calibration_file_and_settings_record_it(tmp_path):
@@ -154,6 +157,7 @@ def test_rows_follow_the_calibration_file_and_settings_record_it(tmp_path):
     class_map = np.zeros((100, 120), np.uint8)
     class_map[20:80, 10:50] = 1
     class_map[20:40, 10:50] = 2  # a third of the lung: published extent 2, fitted extent 3
+    class_map[20:80, 70:110] = 1  # a clear left lung
 
     settings = {"model_file": str(model)}
     row = writer_row(tmp_path / "fitted", class_map, severity_calibration=str(calibration), settings=settings)

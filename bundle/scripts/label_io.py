@@ -3,6 +3,7 @@ atomically."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -34,8 +35,26 @@ def read_label_map(path: str) -> np.ndarray:
     return np.rint(labels).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=1)
+def process_umask() -> int:
+    """The process's umask, read once: from /proc/self/status (Linux; changes nothing), else set and put back."""
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(temporary_path)`` then rename to ``path``, so a reader never sees a half-written file."""
+    """Call ``write(temporary_path)`` then rename to ``path``, so a reader never sees a half-written file.
+
+    The file gets the permissions of any file the user creates (0666 less the umask; mkstemp alone gives 0600).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else os.path.splitext(path)[1]
@@ -43,6 +62,7 @@ def atomic_write(path: str, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~process_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -197,6 +197,7 @@ def compute_severity(
     image: np.ndarray | None = None,
     spacing_mm: tuple[float, float] | None = None,
     rules: SeverityRules | None = None,
+    lung_sides: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Areas, opacity percentages, density features and Cohen scores of a 2D lung mask and opacity mask.
 
@@ -204,7 +205,8 @@ def compute_severity(
     scored from the unrounded percentages, with ``rules`` (fitted) when given, else with the published bins and the
     hand-set density rule of :func:`opacity_degree`. Density features, opacity degrees and ``opacity_score`` are
     None without ``image``; ``*_cm2`` areas (rounded to 2 decimals) are None without ``spacing_mm`` = (row spacing,
-    column spacing) in mm. Raises :class:`NoLungFoundError` when the lung mask is empty.
+    column spacing) in mm. ``lung_sides``: the (right, left) split of the lung mask when the caller already has it
+    (:func:`scripts.lung_sides.split_lungs`). Raises :class:`NoLungFoundError` when the lung mask is empty.
     """
     lung = np.asarray(lung_mask) > 0
     opacity = (np.asarray(opacity_mask) > 0) & lung
@@ -216,7 +218,7 @@ def compute_severity(
     if not lung.any():
         raise NoLungFoundError("no lung field found in the image")
 
-    right_lung, left_lung = split_lungs(lung)
+    right_lung, left_lung = split_lungs(lung) if lung_sides is None else (np.asarray(side) > 0 for side in lung_sides)
     lung_area = int(lung.sum())
     opacity_area = int(opacity.sum())
     result = {

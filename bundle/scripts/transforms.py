@@ -11,7 +11,7 @@ from monai.transforms import MapTransform
 
 from scripts.label_io import read_label_map
 from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
-from scripts.radiograph_io import RadiographError, read_radiograph
+from scripts.radiograph_io import Radiograph, RadiographError, read_radiograph
 
 PLACEHOLDER_SHAPE = (32, 32)  # stands in for a file that could not be read
 
@@ -19,10 +19,12 @@ PLACEHOLDER_SHAPE = (32, 32)  # stands in for a file that could not be read
 class LoadRadiographd(MapTransform):
     """Load each key's file as a (1, rows, columns) float32 MetaTensor in viewer orientation.
 
-    The meta data holds the file name, the original size (rows, columns), the pixel spacing in mm (row, column;
-    NaN when the file does not say, so that batches of mixed files still collate) and ``error``: empty, or, with
-    ``record_errors``, why the file could not be read (the image is then a small blank placeholder, so that one bad
-    file does not stop a batch).
+    The meta data holds the file name, the original size (rows, columns), the pixel spacing at the patient in mm
+    (row, column; NaN when not known, so that batches of mixed files still collate), and plain strings:
+    ``spacing_source`` (the tag behind the spacing), ``warnings`` (the reader's warnings joined by "; "),
+    ``modality``, ``view_position``, ``body_part_examined`` (DICOM tags; empty otherwise) and ``error``: empty, or,
+    with ``record_errors``, why the file could not be read (any exception, MemoryError included; the image is then a
+    small blank placeholder, so that one bad file neither stops a batch nor drops out of it).
     """
 
     def __init__(self, keys: KeysCollection, record_errors: bool = False, allow_missing_keys: bool = False):
@@ -37,24 +39,34 @@ class LoadRadiographd(MapTransform):
                 continue
             try:
                 radiograph = read_radiograph(source)
-            except RadiographError as error:
+                image = torch.from_numpy(radiograph.pixels[None])
+            except Exception as error:  # noqa: BLE001 - every loader failure becomes this file's error row
                 if not self.record_errors:
                     raise
+                message = str(error) if isinstance(error, RadiographError) else (
+                    f"{source}: cannot load: {type(error).__name__}: {error}")
                 d[key] = MetaTensor(torch.zeros(1, *PLACEHOLDER_SHAPE), meta=_meta(str(source), PLACEHOLDER_SHAPE))
-                d[key].meta["error"] = str(error)
+                d[key].meta["error"] = message
                 continue
-            meta = _meta(radiograph.path, radiograph.pixels.shape, radiograph.spacing_mm, radiograph.source_format)
-            d[key] = MetaTensor(torch.from_numpy(radiograph.pixels[None]), meta=meta)
+            d[key] = MetaTensor(image, meta=_meta(radiograph.path, radiograph.pixels.shape, radiograph))
         return d
 
 
-def _meta(path: str, shape, spacing_mm=None, source_format: str = "") -> dict:
+def _meta(path: str, shape, radiograph: Radiograph | None = None) -> dict:
+    """Meta data of a loaded file (or, without ``radiograph``, of an error placeholder); strings, so batches collate."""
     nan = float("nan")
+    spacing = radiograph.spacing_mm if radiograph is not None else None
+    details = radiograph.details if radiograph is not None else {}
     return {
         "filename_or_obj": path,
         "original_shape": tuple(int(size) for size in shape),
-        "spacing_mm": tuple(spacing_mm) if spacing_mm else (nan, nan),
-        "source_format": source_format,
+        "spacing_mm": tuple(float(value) for value in spacing) if spacing else (nan, nan),
+        "spacing_source": radiograph.spacing_source if radiograph is not None else "",
+        "source_format": radiograph.source_format if radiograph is not None else "",
+        "warnings": "; ".join(radiograph.warnings) if radiograph is not None else "",
+        "modality": str(details.get("modality", "")),
+        "view_position": str(details.get("view_position", "")),
+        "body_part_examined": str(details.get("body_part_examined", "")),
         "error": "",
     }
 
