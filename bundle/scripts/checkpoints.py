@@ -24,7 +24,7 @@ from ignite.engine import Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-from scripts.label_io import atomic_write
+from scripts.label_io import atomic_write, process_umask
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class AtomicDiskSaver(DiskSaver):
                 func(checkpoint, stream, **self.kwargs)
                 stream.flush()
                 os.fsync(stream.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)
+            os.chmod(temporary, 0o666 & ~process_umask())
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):

@@ -28,6 +28,7 @@ except ImportError:  # not POSIX (Windows): runs are not locked
     fcntl = None
 
 from scripts.label_io import atomic_write, write_json
+from scripts.radiograph_io import SUPPORTED_EXTENSIONS
 
 TABLE = "severity.csv"
 INCOMPLETE_TABLE = "severity.incomplete.csv"
@@ -40,8 +41,6 @@ RESUME_SETTINGS = (
 )
 # what severity.json holds per file beside its row
 DETAIL_KEYS = ("spacing_source", "input_size", "input_mtime_ns", "outputs")
-# extensions left out of the output names (so that ``1.2.840.5.1`` and ``1.2.840.5.2`` DICOM files stay apart)
-RADIOGRAPH_EXTENSIONS = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +55,10 @@ def safe_name(text: str) -> str:
 
 
 def output_stem(name: str) -> str:
-    """File name without a radiograph extension: the name of the input's output folder and files."""
+    """File name without a radiograph extension: the name of the input's output folder and files (other extensions
+    stay, so that DICOM files named ``1.2.840.5.1`` and ``1.2.840.5.2`` keep apart)."""
     lower = name.lower()
-    for extension in RADIOGRAPH_EXTENSIONS:
+    for extension in SUPPORTED_EXTENSIONS:
         if lower.endswith(extension) and len(name) > len(extension):
             return name[: -len(extension)]
     return name
