@@ -27,6 +27,20 @@ PYTHON = sys.executable
 PHANTOM_IMAGE_SIZE = 64  # the phantom model trains and infers at 64x64 to keep the suite fast on a CPU
 
 
+# the config files of each workflow, merged in this order
+WORKFLOW_CONFIGS = {
+    "training": ("train.yaml",),
+    "inference": ("inference.yaml",),
+    "evaluate": ("inference.yaml", "evaluate.yaml"),
+}
+
+
+def config_files(workflow: str, *extra: str) -> str:
+    """The ``--config_file`` argument of a workflow (plus ``extra`` config names merged last)."""
+    paths = [str(BUNDLE / "configs" / name) for name in (*WORKFLOW_CONFIGS[workflow], *extra)]
+    return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{path}'" for path in paths) + "]"
+
+
 def bundle_command(*arguments: str) -> list[str]:
     """``python -m monai.bundle <arguments>`` with the bundle's metadata and logging configuration."""
     return [
@@ -44,20 +58,25 @@ def run_bundle(*arguments: str, timeout: int = 600) -> subprocess.CompletedProce
     )
 
 
+PREPARED_PHANTOMS = dict(count=24, formats=("png",), seed=7, labelme=6, rows=200, columns=240)
+
+
+def prepare_arguments(source, output) -> list[str]:
+    """scripts/prepare_data.py arguments that prepare a phantom dataset into ``output``."""
+    return [
+        "--images", source.images, "--masks", source.masks, "--labelme", source.labelme,
+        "--metadata", source.metadata, "--output", str(output), "--val-fraction", "0.2", "--seed", "0",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def prepared_phantoms(tmp_path_factory):
     """24 PNG phantoms (12 patients) prepared by scripts/prepare_data.py into label maps and datalist.json."""
     import prepare_data
 
-    source = phantoms.write_dataset(
-        tmp_path_factory.mktemp("phantom_source"), count=24, formats=("png",), seed=7, labelme=6, rows=200, columns=240
-    )
+    source = phantoms.write_dataset(tmp_path_factory.mktemp("phantom_source"), **PREPARED_PHANTOMS)
     output = tmp_path_factory.mktemp("phantom_prepared")
-    code = prepare_data.main(
-        ["--images", source.images, "--masks", source.masks, "--labelme", source.labelme,
-         "--metadata", source.metadata, "--output", str(output), "--val-fraction", "0.2", "--seed", "0"]
-    )  # fmt: skip
-    assert code == 0
+    assert prepare_data.main(prepare_arguments(source, output)) == 0
     return output
 
 
