@@ -38,6 +38,7 @@ sys.path.insert(0, BUNDLE)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from monai.networks.nets import FlexibleUNet  # noqa: E402
+
 from scripts.losses import PartialLabelDiceCELoss  # noqa: E402
 from scripts.onnx_runtime import OnnxRuntimeNetwork  # noqa: E402
 
@@ -116,9 +117,15 @@ def engine_seconds(log: str, pattern: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
+def config_list(*names: str) -> str:
+    """``--config_file`` value merging the bundle's config files ``names`` in order."""
+    return "[" + ",".join(repr(os.path.join(BUNDLE, "configs", name)) for name in names) + "]"
+
+
 def bundle_command(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", *arguments, "--meta_file", os.path.join(BUNDLE, "configs", "metadata.json"),
-            "--logging_file", os.path.join(BUNDLE, "configs", "logging.conf"), "--bundle_root", BUNDLE]  # fmt: skip
+    configs = os.path.join(BUNDLE, "configs")
+    return [sys.executable, "-m", "monai.bundle", *arguments, "--meta_file", os.path.join(configs, "metadata.json"),
+            "--logging_file", os.path.join(configs, "logging.conf"), "--bundle_root", BUNDLE]  # fmt: skip
 
 
 # runs a command and prints the peak resident memory of its process tree (RUSAGE_CHILDREN of this wrapper only)
@@ -130,7 +137,7 @@ PEAK_MEMORY_WRAPPER = (
 
 def bundle_inference(folder: str, output: str, *options: str) -> dict:
     """Run the documented inference command; return wall, engine and start-up seconds and its peak memory."""
-    command = bundle_command("run", "--config_file", os.path.join(BUNDLE, "configs", "inference.yaml"),
+    command = bundle_command("run", "--config_file", config_list("common.yaml", "inference.yaml"),
                              "--dataset_dir", folder, "--output_dir", output, *options)  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(
@@ -162,9 +169,10 @@ def bundle_training(images: list[str], work: str, size: int, batch: int) -> floa
         items.append({"image": path, "label": label})
     with open(os.path.join(work, "datalist.json"), "w") as handle:
         json.dump({"training": items, "validation": items[:batch]}, handle)
-    command = bundle_command("run", "training", "--config_file", os.path.join(BUNDLE, "configs", "train.yaml"),
+    command = bundle_command("run", "training", "--config_file", config_list("common.yaml", "train.yaml"),
                              "--dataset_dir", work, "--output_dir", os.path.join(work, "run"), "--num_epochs", "2",
-                             "--val_interval", "100", "--batch_size", str(batch), "--image_size", f"[{size},{size}]")  # fmt: skip
+                             "--val_interval", "100", "--batch_size", str(batch),
+                             "--image_size", f"[{size},{size}]")  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])

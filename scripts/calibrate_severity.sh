@@ -21,7 +21,7 @@ cohen, folder = sys.argv[1:]
 for row in csv.DictReader(open(os.path.join(cohen, "severity_scores.csv"), newline="")):
     os.symlink(os.path.abspath(os.path.join(cohen, "images", row["filename"])), os.path.join(folder, row["filename"]))
 PY
-$PYTHON -m monai.bundle run --meta_file bundle/configs/metadata.json --config_file bundle/configs/inference.yaml \
+$PYTHON -m monai.bundle run --meta_file bundle/configs/metadata.json --config_file "['bundle/configs/common.yaml','bundle/configs/inference.yaml']" \
     --logging_file bundle/configs/logging.conf --bundle_root bundle --dataset_dir "$WORK/images" \
     --output_dir "$WORK/inference" --write_overlays false --severity_calibration ''
 $PYTHON scripts/calibrate_severity.py --severity "$WORK/inference/severity.csv" \

@@ -2,7 +2,8 @@
 """Export the bundle's network with its weights to ONNX, for ONNX Runtime or other serving tools.
 
 The model takes one (1, 1, size, size) float image scaled as the bundle's preprocessing does and returns
-(1, 3, size, size) logits (background, lung, opacity). The bundle's inference uses the same export, in memory, when
+(1, 3, size, size) logits (background, lung, opacity). The network is the bundle config's ``network_def`` (the
+inference workflow's config files, merged in order). The bundle's inference uses the same export, in memory, when
 it runs on ONNX Runtime (``runtime: onnxruntime``).
 
 Example:
@@ -17,22 +18,46 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
+BUNDLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
+sys.path.insert(0, BUNDLE)
 
-from monai.networks.nets import FlexibleUNet  # noqa: E402
-from scripts.onnx_runtime import export_onnx  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 from ship_model import state_dict_of  # noqa: E402
+
+from scripts.onnx_runtime import export_onnx  # noqa: E402
+
+# the inference workflow's config files, merged in this order (common.yaml where the bundle has one)
+INFERENCE_CONFIGS = ("common.yaml", "inference.yaml")
+
+
+def inference_config_files() -> list[str]:
+    """The bundle's inference config files that exist, in merge order."""
+    paths = [os.path.join(BUNDLE, "configs", name) for name in INFERENCE_CONFIGS]
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def network_from_config(config_files: list[str]) -> torch.nn.Module:
+    """A new instance of the merged configs' ``network_def`` (random weights)."""
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    return parser.get_parsed_content("network_def")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="bundle/models/model.pt", help="shipped weights or a training checkpoint")
+    parser.add_argument(
+        "--checkpoint", default="bundle/models/model.pt", help="shipped weights or a training checkpoint"
+    )
     parser.add_argument("--output", required=True, help="the .onnx file to write (an existing file is refused)")
     parser.add_argument("--size", type=int, default=224, help="image rows and columns the model is exported for")
+    parser.add_argument(
+        "--configs", nargs="+", default=inference_config_files(),
+        help="config files merged in order that define network_def (default: the bundle's inference configs)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if os.path.exists(args.output):
         parser.error(f"{args.output} exists; give another --output (nothing is overwritten)")
-    network = FlexibleUNet(spatial_dims=2, in_channels=1, out_channels=3, backbone="resnet18", pretrained=False)
+    network = network_from_config(args.configs)
     weights = state_dict_of(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     network.load_state_dict({key: value.float() for key, value in weights.items()})
     export_onnx(network, args.output, shape=(1, args.size, args.size))

@@ -136,8 +136,14 @@ def assess_predictions(image_dir: str, prediction_dir: str, by_kind: bool, featu
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", help="inference output folders holding severity.csv")
-    parser.add_argument("--predicted", nargs=2, action="append", default=[], metavar=("IMAGES", "PREDICTIONS"),
-                        help="an image folder and the inference output folder of its masks (repeatable)")
+    parser.add_argument(
+        "--predicted",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMAGES", "PREDICTIONS"),
+        help="an image folder and the inference output folder of its masks (repeatable)",
+    )
     parser.add_argument("--by-kind", action="store_true", help="also count per file-name prefix (before the first _)")
     parser.add_argument("--features", help="CSV for the measured lung-field figures of every --predicted image")
     args = parser.parse_args(argv)

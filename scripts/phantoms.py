@@ -65,10 +65,12 @@ def make_phantom(rows: int = 256, columns: int = 256, seed: int = 0, opacity: bo
 
     body = ((u - 0.5) / 0.46) ** 2 + ((v - 0.58) / 0.62) ** 2 <= 1.0
     jitter = lambda spread: rng.uniform(-spread, spread)  # noqa: E731
-    right_lung = _lung_mask(u, v, (0.29 + jitter(0.015), 0.50 + jitter(0.02)),
-                            (0.13 * (1 + jitter(0.05)), 0.30 * (1 + jitter(0.05))), rng)
-    left_lung = _lung_mask(u, v, (0.70 + jitter(0.015), 0.51 + jitter(0.02)),
-                           (0.12 * (1 + jitter(0.05)), 0.28 * (1 + jitter(0.05))), rng)
+    right_lung = _lung_mask(
+        u, v, (0.29 + jitter(0.015), 0.50 + jitter(0.02)), (0.13 * (1 + jitter(0.05)), 0.30 * (1 + jitter(0.05))), rng
+    )
+    left_lung = _lung_mask(
+        u, v, (0.70 + jitter(0.015), 0.51 + jitter(0.02)), (0.12 * (1 + jitter(0.05)), 0.28 * (1 + jitter(0.05))), rng
+    )
     right_lung &= body
     left_lung &= body & ~right_lung
     lung = right_lung | left_lung
@@ -107,7 +109,7 @@ def make_phantom(rows: int = 256, columns: int = 256, seed: int = 0, opacity: bo
     image += rng.normal(0, 0.01, image.shape).astype(np.float32)
     marker = np.zeros((rows, columns), dtype=bool)
     start, side = int(MARKER_OFFSET * min(rows, columns)), max(3, int(MARKER_SIZE * min(rows, columns)))
-    marker[start:start + side, start:start + side] = True
+    marker[start : start + side, start : start + side] = True
     image = np.clip(image, 0.0, 0.97)
     image[marker] = 1.0
     return Phantom(image.astype(np.float32), right_lung, left_lung, opacity_mask, marker)
@@ -153,9 +155,17 @@ def _jpeg_bytes(array8: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_dicom(path, image01: np.ndarray, bits: int = 16, photometric: str = "MONOCHROME2", spacing_mm=None,
-                transfer_syntax: str = "explicit", window=None, spacing_tag: str = "PixelSpacing",
-                extra_tags: dict | None = None) -> None:
+def write_dicom(
+    path,
+    image01: np.ndarray,
+    bits: int = 16,
+    photometric: str = "MONOCHROME2",
+    spacing_mm=None,
+    transfer_syntax: str = "explicit",
+    window=None,
+    spacing_tag: str = "PixelSpacing",
+    extra_tags: dict | None = None,
+) -> None:
     """DX DICOM (Part 10 file with preamble); a (frames, rows, columns) array gives a multi-frame file.
 
     ``photometric="MONOCHROME1"`` stores inverted values; ``window`` = (centre, width) in stored values;
@@ -167,8 +177,14 @@ def write_dicom(path, image01: np.ndarray, bits: int = 16, photometric: str = "M
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID,
-                             RLELossless, generate_uid)
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        RLELossless,
+        generate_uid,
+    )
 
     if bits not in (8, 12, 16):
         raise ValueError("bits must be 8, 12 or 16")
@@ -296,10 +312,11 @@ def simplify(points: np.ndarray, tolerance: float = 0.5) -> np.ndarray:
             continue
         a, b = chain[first], chain[last]
         segment = b - a
-        inner = chain[first + 1:last] - a
+        inner = chain[first + 1 : last] - a
         length = float(np.hypot(*segment))
-        distance = (np.abs(segment[0] * inner[:, 1] - segment[1] * inner[:, 0]) / length if length
-                    else np.hypot(*inner.T))
+        distance = (
+            np.abs(segment[0] * inner[:, 1] - segment[1] * inner[:, 0]) / length if length else np.hypot(*inner.T)
+        )
         index = int(np.argmax(distance))
         if distance[index] > tolerance:
             middle = first + 1 + index
@@ -337,12 +354,24 @@ def _png_bytes(image01: np.ndarray) -> bytes:
 def write_labelme(path, phantom: Phantom, image_path_relative: str | None = None, embed_image: bool = False) -> dict:
     """LabelMe 4.5.6-style JSON with ``right_lung``, ``left_lung`` and ``opacity`` polygons; returns the document."""
     shapes = []
-    for label, mask, largest in (("right_lung", phantom.right_lung, True), ("left_lung", phantom.left_lung, True),
-                                 ("opacity", phantom.opacity, False)):
+    for label, mask, largest in (
+        ("right_lung", phantom.right_lung, True),
+        ("left_lung", phantom.left_lung, True),
+        ("opacity", phantom.opacity, False),
+    ):
         for polygon in mask_polygons(mask, largest_only=largest):
             points = [[round(float(x), 2), round(float(y), 2)] for x, y in polygon]
-            shapes.append({"label": label, "points": points, "group_id": None, "description": "",
-                           "shape_type": "polygon", "flags": {}, "mask": None})
+            shapes.append(
+                {
+                    "label": label,
+                    "points": points,
+                    "group_id": None,
+                    "description": "",
+                    "shape_type": "polygon",
+                    "flags": {},
+                    "mask": None,
+                }
+            )
     if image_path_relative is None:
         image_path_relative = os.path.splitext(os.path.basename(str(path)))[0] + ".png"
     document = {
@@ -389,8 +418,16 @@ class PhantomDataset:
     labelme_files: list
 
 
-def write_dataset(output_dir, count: int = 8, formats=("png",), seed: int = 0, labelme: int = 2,
-                  rows: int = 256, columns: int = 256, embed_image: bool = False) -> PhantomDataset:
+def write_dataset(
+    output_dir,
+    count: int = 8,
+    formats=("png",),
+    seed: int = 0,
+    labelme: int = 2,
+    rows: int = 256,
+    columns: int = 256,
+    embed_image: bool = False,
+) -> PhantomDataset:
     """Write images/, masks/ (lung 0/255 PNG), labelme/ (every other image, ``labelme`` in all) and metadata.csv.
 
     Image ``i`` uses ``formats[i % len(formats)]``; two consecutive images belong to one patient.
@@ -420,8 +457,9 @@ def write_dataset(output_dir, count: int = 8, formats=("png",), seed: int = 0, l
         writer = csv.DictWriter(handle, fieldnames=["filename", "patientid"])
         writer.writeheader()
         writer.writerows(table)
-    return PhantomDataset(root, folders["images"], folders["masks"], folders["labelme"], metadata, image_files,
-                          labelme_files)
+    return PhantomDataset(
+        root, folders["images"], folders["masks"], folders["labelme"], metadata, image_files, labelme_files
+    )
 
 
 def main(argv=None) -> int:
@@ -435,8 +473,16 @@ def main(argv=None) -> int:
     parser.add_argument("--labelme", type=int, default=2, help="how many images get a LabelMe annotation")
     parser.add_argument("--embed-image", action="store_true", help="embed imageData in the LabelMe files")
     args = parser.parse_args(argv)
-    dataset = write_dataset(args.output, args.count, args.format or ["png"], args.seed, args.labelme, args.rows,
-                            args.columns, args.embed_image)
+    dataset = write_dataset(
+        args.output,
+        args.count,
+        args.format or ["png"],
+        args.seed,
+        args.labelme,
+        args.rows,
+        args.columns,
+        args.embed_image,
+    )
     print(f"wrote {len(dataset.image_files)} images and {len(dataset.labelme_files)} LabelMe files to {dataset.root}")
     return 0
 

@@ -68,7 +68,10 @@ def parse_args(argv=None):
     parser.add_argument("--images", help="folder of radiographs")
     parser.add_argument("--masks", help="folder of lung-field masks named like the images")
     parser.add_argument(
-        "--extra-masks", action="append", default=[], help="folder of lower-trust lung masks (training only); repeatable"
+        "--extra-masks",
+        action="append",
+        default=[],
+        help="folder of lower-trust lung masks (training only); repeatable",
     )
     parser.add_argument("--labelme", help="folder of LabelMe JSON annotations")
     parser.add_argument("--metadata", help="CSV with image file names and patient ids")
@@ -348,8 +351,14 @@ def collect_mask_source(source: dict, report: dict) -> list[dict]:
         except RadiographError as error:
             report["skipped"].append({"file": error.path, "reason": error.problem})
             continue
-        sample = {"stem": stem, "image": os.path.abspath(image_path), "labels": labels, "source": source["name"],
-                  "patient_id": f"{source['name']}:{stem}", "published_split": published.get(stem, "train")}
+        sample = {
+            "stem": stem,
+            "image": os.path.abspath(image_path),
+            "labels": labels,
+            "source": source["name"],
+            "patient_id": f"{source['name']}:{stem}",
+            "published_split": published.get(stem, "train"),
+        }
         if stem in lung_field:
             sample["lung_field"] = lung_field[stem]
         samples.append(sample)

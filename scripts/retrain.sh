@@ -27,6 +27,9 @@ FOLDS=${FOLDS:-all}
 STAGE2_WEIGHTS=${STAGE2_WEIGHTS:-runs/fold_all/model_final.pt}
 STAGE3_EPOCHS=${STAGE3_EPOCHS:-6}
 PYTHON=.venv/bin/python
+INFERENCE_CONFIGS="['bundle/configs/common.yaml','bundle/configs/inference.yaml']"
+TRAINING_CONFIGS="['bundle/configs/common.yaml','bundle/configs/train.yaml']"
+EVALUATE_CONFIGS="['bundle/configs/common.yaml','bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']"
 BUNDLE_ARGS=(--meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf --bundle_root bundle)
 PREPARE_ARGS=(--images "$COHEN/images" --masks "$COHEN/lung_masks" --labelme "$DATA_ROOT/opacity-labelme"
     --metadata "$COHEN/metadata.csv" --seed 0)
@@ -38,7 +41,7 @@ stage() { echo "== retrain: $* ($(date +%H:%M:%S))"; }
 
 # lung_fields MODEL IMAGES OUTPUT: the model's lung masks of a folder of radiographs, as OUTPUT/<stem>.png
 lung_fields() {
-    $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file bundle/configs/inference.yaml \
+    $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" --config_file "${INFERENCE_CONFIGS}" \
         --dataset_dir "$2" --output_dir "$3.predictions" --ckpt_path "$1" --write_overlays false
     mkdir -p "$3"
     for folder in "$3".predictions/*/; do
@@ -67,7 +70,7 @@ PY
 
 if [ ! -f "$STAGE2_WEIGHTS" ]; then
     stage "stage 1: base"
-    $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+    $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file "${TRAINING_CONFIGS}" \
         --dataset_dir data/base --run_name base --output_dir runs/base --num_epochs 26 --seed 0
     [ -d data/no_finding_lungs ] || lung_fields runs/base/model.pt data/no_finding data/no_finding_lungs
 
@@ -77,12 +80,12 @@ if [ ! -f "$STAGE2_WEIGHTS" ]; then
         holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
         $PYTHON scripts/prepare_data.py "${STAGE2_PREPARE_ARGS[@]}" --holdout-opacity-fold "$holdout" \
             --output "data/fold_$fold"
-        $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+        $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file "${TRAINING_CONFIGS}" \
             --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
             --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0
         if [ "$fold" != all ]; then  # the final checkpoint on the held-out fold (and the other validation patients)
             $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
-                --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
+                --config_file "${EVALUATE_CONFIGS}" \
                 --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
             cv_runs+=("runs/cv_fold$fold")
         fi
@@ -99,7 +102,7 @@ $PYTHON scripts/prepare_data.py "${STAGE2_PREPARE_ARGS[@]}" --holdout-opacity-fo
     --mask-source "name=covid-qu-ex,images=$QUEX/images,lungs=$QUEX/lung_masks,opacity=$QUEX/infection_masks,split=$QUEX/index.csv,lung_field=data/covid-qu-ex_lung_fields" \
     --output data/all_sources
 stage "stage 3: training on all sources"
-$PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file bundle/configs/train.yaml \
+$PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file "${TRAINING_CONFIGS}" \
     --dataset_dir data/all_sources --run_name all_sources --output_dir runs/all_sources --num_epochs "$STAGE3_EPOCHS" \
     --learning_rate 0.0005 --val_interval 1 --synthetic_opacity_prob 0.0 --init_checkpoint "$STAGE2_WEIGHTS" --seed 0
 $PYTHON scripts/ship_model.py --checkpoint runs/all_sources/model.pt --output bundle/models/model.pt
@@ -107,7 +110,7 @@ $PYTHON scripts/ship_model.py --checkpoint runs/all_sources/model.pt --output bu
 stage "stage 3: evaluation of the shipped weights"
 evaluate() {  # evaluate DATASET_DIR DATALIST_KEY OUTPUT
     $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
-        --config_file "['bundle/configs/inference.yaml','bundle/configs/evaluate.yaml']" \
+        --config_file "${EVALUATE_CONFIGS}" \
         --dataset_dir "$1" --datalist_key "$2" --output_dir "$3"
 }
 evaluate data/all_sources test runs/evaluation_test              # the COVID-QU-Ex authors' val split: never trained on

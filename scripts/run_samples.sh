@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 OUTPUT=${OUTPUT:-outputs/samples}
-.venv/bin/python -m monai.bundle run --meta_file bundle/configs/metadata.json --config_file bundle/configs/inference.yaml \
+.venv/bin/python -m monai.bundle run --meta_file bundle/configs/metadata.json --config_file "['bundle/configs/common.yaml','bundle/configs/inference.yaml']" \
     --logging_file bundle/configs/logging.conf --bundle_root bundle --dataset_dir bundle/docs/samples --output_dir "$OUTPUT"
 echo
 echo "masks and overlays: $OUTPUT/<image name>/  severity table: $OUTPUT/severity.csv (and severity.json)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Store a trained checkpoint as the bundle's shipped weights: a plain state dict, fp16 by default, written atomically.
+When the output is listed in its bundle's ``large_files.yml``, its hash there is updated.
 
 Example:
   python scripts/ship_model.py --checkpoint runs/cxr/model.pt --output bundle/models/model.pt
@@ -16,11 +17,33 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
 from scripts.label_io import atomic_write  # noqa: E402
+from scripts.severity_calibration import file_sha256  # noqa: E402
 
 
 def state_dict_of(checkpoint: dict) -> dict:
     """The network weights of a CheckpointSaver file (a bare state dict, or one under the key ``model``)."""
     return checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], dict) else checkpoint
+
+
+def update_large_file_hash(weights_file: str) -> str | None:
+    """Put the sha256 of ``weights_file`` in ``<bundle>/large_files.yml`` when that lists it (``<bundle>/models/...``);
+    returns the updated list file, or None."""
+    import yaml
+
+    bundle = os.path.dirname(os.path.dirname(os.path.abspath(weights_file)))
+    listing = os.path.join(bundle, "large_files.yml")
+    if not os.path.isfile(listing):
+        return None
+    relative = os.path.relpath(os.path.abspath(weights_file), bundle).replace(os.sep, "/")
+    text = open(listing).read()
+    entries = [entry for entry in yaml.safe_load(text)["large_files"] if entry["path"] == relative]
+    if not entries:
+        return None
+    if entries[0]["hash_type"] != "sha256":
+        raise ValueError(f"{listing}: {relative} has hash_type {entries[0]['hash_type']}; this tool writes sha256")
+    text = text.replace(str(entries[0]["hash_val"]), file_sha256(weights_file))
+    atomic_write(listing, lambda path: open(path, "w").write(text))
+    return listing
 
 
 def main(argv=None) -> int:
@@ -35,6 +58,9 @@ def main(argv=None) -> int:
     atomic_write(args.output, lambda path: torch.save(weights, path))
     size_mb = os.path.getsize(args.output) / 2**20
     print(f"wrote {len(weights)} tensors ({'fp32' if args.fp32 else 'fp16'}, {size_mb:.1f} MB) to {args.output}")
+    listing = update_large_file_hash(args.output)
+    if listing:
+        print(f"updated the hash of {args.output} in {listing}")
     return 0
 
 

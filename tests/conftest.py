@@ -29,9 +29,11 @@ PHANTOM_IMAGE_SIZE = 64  # the phantom model trains and infers at 64x64 to keep 
 
 # the config files of each workflow, merged in this order
 WORKFLOW_CONFIGS = {
-    "training": ("train.yaml",),
-    "inference": ("inference.yaml",),
-    "evaluate": ("inference.yaml", "evaluate.yaml"),
+    "training": ("common.yaml", "train.yaml"),
+    "inference": ("common.yaml", "inference.yaml"),
+    "evaluate": ("common.yaml", "inference.yaml", "evaluate.yaml"),
+    "evaluate_after_training": ("common.yaml", "train.yaml", "evaluate.yaml"),
+    "multi_gpu_training": ("common.yaml", "train.yaml", "multi_gpu_train.yaml"),
 }
 
 
@@ -85,7 +87,7 @@ def phantom_model(prepared_phantoms, tmp_path_factory):
     """A model trained on the phantoms through the documented training command; returns its best checkpoint."""
     output = tmp_path_factory.mktemp("phantom_training")
     result = run_bundle(
-        "run", "training", "--config_file", str(BUNDLE / "configs" / "train.yaml"),
+        "run", "training", "--config_file", config_files("training"),
         "--dataset_dir", str(prepared_phantoms), "--output_dir", str(output),
         "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--num_epochs", "16", "--val_interval", "4",
         "--learning_rate", "0.003", "--num_workers", "0",

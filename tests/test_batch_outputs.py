@@ -10,16 +10,17 @@ import subprocess
 import time
 
 import numpy as np
-import phantoms
 import pytest
-from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, ROOT, bundle_command
+
+import phantoms
+from conftest import PHANTOM_IMAGE_SIZE, ROOT, bundle_command, config_files
 
 NAMES = [f"case_{index:02d}.png" for index in range(30)]
 
 
 def command(dataset_dir, output_dir, model, *extra) -> list[str]:
     return bundle_command(
-        "run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--dataset_dir", str(dataset_dir),
+        "run", "--config_file", config_files("inference"), "--dataset_dir", str(dataset_dir),
         "--output_dir", str(output_dir), "--ckpt_path", str(model),
         "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", *extra,
     )  # fmt: skip

@@ -5,10 +5,11 @@ import json
 
 import nibabel
 import numpy as np
-import phantoms
 import pytest
-from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, run_bundle
 from PIL import Image
+
+import phantoms
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, config_files, run_bundle
 
 REQUIRED_COLUMNS = [
     "image", "status", "message", "warning", "lung_area_px", "opacity_area_px", "opacity_pct", "right_opacity_pct",
@@ -20,7 +21,7 @@ SPACING_MM = (0.2, 0.1)
 
 def infer(dataset_dir, output_dir, model, *extra):
     return run_bundle(
-        "run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--dataset_dir", str(dataset_dir),
+        "run", "--config_file", config_files("inference"), "--dataset_dir", str(dataset_dir),
         "--output_dir", str(output_dir), "--ckpt_path", str(model),
         "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", *extra,
     )  # fmt: skip
@@ -87,7 +88,10 @@ def test_output_contract(mixed_folder_run):
         overlay = Image.open(output / stem / f"{stem}_overlay.png")
         assert overlay.size == (COLUMNS, ROWS) and overlay.mode == "RGB"
     summary = json.loads((output / "severity.json").read_text())
-    assert summary["settings"]["bundle_version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert (
+        summary["settings"]["bundle_version"]
+        == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    )
     assert summary["settings"]["device"] == "cpu"
     rules = summary["settings"]["severity_rules"]  # the shipped calibration, fitted on other weights than the phantom's
     assert rules["rules"] == "calibrated" and rules["model_matches"] is False
@@ -117,6 +121,7 @@ def writer_row(tmp_path, class_map, **writer_args):
     """Feed one hand-made class map to the severity handler, as the inference evaluator does."""
     import torch
     from monai.data import MetaTensor
+
     from scripts.severity_handler import SeverityWriter
 
     writer = SeverityWriter(str(tmp_path), fail_if_none_ok=False, **writer_args)
@@ -236,6 +241,7 @@ def test_no_usable_file_or_no_folder_exits_non_zero(phantom_model, tmp_path):
 def test_most_probable_class_matches_monai_argmax_ties_included():
     import torch
     from monai.transforms import AsDiscreted
+
     from scripts.transforms import MostProbableClassd
 
     probabilities = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
@@ -246,13 +252,14 @@ def test_most_probable_class_matches_monai_argmax_ties_included():
 
 
 def test_onnx_export_gives_the_pytorch_outputs(phantom_model, tmp_path):
-    """scripts/export_onnx.py writes a model whose ONNX Runtime logits equal PyTorch's; so does the in-memory runtime."""
+    """scripts/export_onnx.py writes a model whose ONNX Runtime logits equal PyTorch's, as does the in-memory one."""
     import export_onnx
     import onnxruntime
     import torch
     from monai.networks.nets import FlexibleUNet
-    from scripts.onnx_runtime import OnnxRuntimeNetwork
     from ship_model import state_dict_of
+
+    from scripts.onnx_runtime import OnnxRuntimeNetwork
 
     path = tmp_path / "model.onnx"
     assert export_onnx.main(["--checkpoint", str(phantom_model), "--output", str(path), "--size", "64"]) == 0
@@ -276,7 +283,9 @@ def test_batched_pytorch_run_gives_the_masks_of_the_single_image_onnx_run(mixed_
     result = infer(folder, tmp_path, phantom_model, "--runtime", "torch", "--batch_size", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     single_rows, batched_rows = read_rows(single_output), read_rows(tmp_path)
-    assert [(row["image"], row["status"]) for row in batched_rows] == [(row["image"], row["status"]) for row in single_rows]
+    assert [(row["image"], row["status"]) for row in batched_rows] == [
+        (row["image"], row["status"]) for row in single_rows
+    ]
     compared = 0
     for row in single_rows:
         if row["status"] != "ok":

@@ -3,11 +3,13 @@
 import csv
 
 import numpy as np
-import phantoms
 import pytest
 import torch
-from measure_input_gate import dicom_tags, main as measure_main
+from measure_input_gate import dicom_tags
+from measure_input_gate import main as measure_main
 from non_chest_images import KINDS, negative_image, write_non_chest_images
+
+import phantoms
 from scripts.input_gate import ERROR_TAG, WARNING_TAG, assess_input, reasons
 from scripts.lung_sides import split_lungs
 from scripts.transforms import DisplayImaged

@@ -22,8 +22,11 @@ def upright():
 def marker_corner(pixels: np.ndarray) -> tuple[int, int]:
     """The quarter (row half, column half) holding the most near-white pixels: (0, 0) is the top-left quarter."""
     rows, columns = pixels.shape
-    quarters = {(r, c): pixels[r * rows // 2:(r + 1) * rows // 2, c * columns // 2:(c + 1) * columns // 2]
-                for r in (0, 1) for c in (0, 1)}
+    quarters = {
+        (r, c): pixels[r * rows // 2 : (r + 1) * rows // 2, c * columns // 2 : (c + 1) * columns // 2]
+        for r in (0, 1)
+        for c in (0, 1)
+    }
     return max(quarters, key=lambda key: float((quarters[key] >= 250).mean()))
 
 
@@ -70,8 +73,10 @@ NIFTI_CASES = {
     "x_flipped": (lambda d: d[::-1, :], [[-COLUMN_MM, 0, 0, 50], [0, ROW_MM, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
     "axes_swapped": (lambda d: d.T, [[0, COLUMN_MM, 0, 0], [ROW_MM, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
     "y_flipped": (lambda d: d[:, ::-1], [[COLUMN_MM, 0, 0, 0], [0, -ROW_MM, 0, 50], [0, 0, 1, 0], [0, 0, 0, 1]]),
-    "swapped_and_flipped_3d": (lambda d: d.T[:, ::-1, None],
-                               [[0, -COLUMN_MM, 0, 9], [ROW_MM, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+    "swapped_and_flipped_3d": (
+        lambda d: d.T[:, ::-1, None],
+        [[0, -COLUMN_MM, 0, 9], [ROW_MM, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+    ),
 }
 
 
@@ -116,8 +121,13 @@ def test_presentation_lut_inverse_displays_inverted(tmp_path):
     image = phantoms.make_phantom(ROWS, COLUMNS, seed=3).image
     phantoms.write_dicom(tmp_path / "plain.dcm", image, bits=12)
     phantoms.write_dicom(tmp_path / "inverse.dcm", image, bits=12, extra_tags={"PresentationLUTShape": "INVERSE"})
-    phantoms.write_dicom(tmp_path / "mono1_inverse.dcm", image, bits=12, photometric="MONOCHROME1",
-                         extra_tags={"PresentationLUTShape": "INVERSE"})
+    phantoms.write_dicom(
+        tmp_path / "mono1_inverse.dcm",
+        image,
+        bits=12,
+        photometric="MONOCHROME1",
+        extra_tags={"PresentationLUTShape": "INVERSE"},
+    )
     plain = read_radiograph(str(tmp_path / "plain.dcm")).pixels
     inverse = read_radiograph(str(tmp_path / "inverse.dcm"))
     mono1_inverse = read_radiograph(str(tmp_path / "mono1_inverse.dcm"))

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import phantoms
 import pytest
 import yaml
-from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, bundle_command
 from mlflow.tracking import MlflowClient
+
+import phantoms
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, bundle_command, config_files
 
 CONFIGS = BUNDLE / "configs"
 EXPERIMENT = "cxr_lung_opacity"
@@ -69,7 +70,12 @@ class MlflowServer:
         environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
         log = open(self.folder / "server.log", "ab")
         self.process = subprocess.Popen(
-            command, cwd=self.folder, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command,
+            cwd=self.folder,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         log.close()
@@ -136,7 +142,9 @@ def tiny_dataset(tmp_path_factory):
         Image.fromarray(np.rint(phantom.image * 255).astype(np.uint8)).save(root / "images" / f"p{index}.png")
         Image.fromarray(phantom.label_map()).save(root / "labels" / f"p{index}.png")
         items.append({"image": str(root / "images" / f"p{index}.png"), "label": f"labels/p{index}.png"})
-    (root / "datalist.json").write_text(json.dumps({"training": items[:TRAIN_IMAGES], "validation": items[TRAIN_IMAGES:]}))
+    (root / "datalist.json").write_text(
+        json.dumps({"training": items[:TRAIN_IMAGES], "validation": items[TRAIN_IMAGES:]})
+    )
     return root
 
 
@@ -145,7 +153,12 @@ def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOU
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     environment.update(env or {})
     process = subprocess.Popen(
-        bundle_command(*arguments), cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        bundle_command(*arguments),
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
 
@@ -169,7 +182,7 @@ def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOU
 
 def train(dataset: Path, output: Path, epochs: int, *extra: str, on_line=None) -> tuple[int, str]:
     arguments = [
-        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(dataset),
+        "run", "training", "--config_file", config_files("training"), "--dataset_dir", str(dataset),
         "--output_dir", str(output), "--num_epochs", str(epochs), *TINY, "--tracking", "mlflow", *extra,
     ]  # fmt: skip
     return run_workflow(arguments, cwd=output.parent, on_line=on_line)
@@ -213,7 +226,10 @@ def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
     assert run.info.status == "FINISHED"
     assert client.get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
 
-    config = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    config = {
+        **yaml.safe_load((CONFIGS / "common.yaml").read_text()),
+        **yaml.safe_load((CONFIGS / "train.yaml").read_text()),
+    }
     params = run.data.params
     expected = {
         "learning_rate": config["learning_rate"], "seed": config["seed"], "dice_weight": config["dice_weight"],
@@ -274,8 +290,9 @@ def test_default_store_is_sqlite_in_the_output_folder(local_training):
 def test_evaluate_is_tracked(mlflow_server, local_training, tiny_dataset, tmp_path):
     output = tmp_path / "evaluate"
     arguments = [
-        "run", "--config_file", f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'evaluate.yaml'}']",
-        "--dataset_dir", str(tiny_dataset), "--output_dir", str(output), "--ckpt_path", str(local_training / "model.pt"),
+        "run", "--config_file", config_files("evaluate"),
+        "--dataset_dir", str(tiny_dataset), "--output_dir", str(output),
+        "--ckpt_path", str(local_training / "model.pt"),
         "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--initialize#0", "$torch.set_num_threads(1)",
         "--tracking", "mlflow",
     ]  # fmt: skip

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import phantoms
 import pytest
 import serve_monailabel
-from conftest import PHANTOM_IMAGE_SIZE
 from PIL import Image
+
+import phantoms
+from conftest import PHANTOM_IMAGE_SIZE
 
 MODEL = serve_monailabel.MODEL_NAME
 ROWS, COLUMNS = 200, 240  # not square, so a transposed mask cannot pass for an aligned one
@@ -44,8 +45,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
-            body: dict | None = None, timeout: float = 300) -> bytes:
+def request(
+    url: str,
+    method: str = "GET",
+    fields: dict | None = None,
+    files: dict | None = None,
+    body: dict | None = None,
+    timeout: float = 300,
+) -> bytes:
     """HTTP request with form ``fields`` and ``files`` ({name: (file name, bytes)}) as multipart, or a JSON body."""
     headers, data = {}, None
     if fields or files:
@@ -61,7 +68,9 @@ def request(url: str, method: str = "GET", fields: dict | None = None, files: di
     elif body is not None:
         data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=timeout) as reply:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data, headers, method=method), timeout=timeout
+        ) as reply:
             return reply.read()
     except urllib.error.HTTPError as error:
         raise AssertionError(f"{method} {url} -> {error.code}: {error.read()[:2000]!r}") from error
@@ -145,8 +154,14 @@ def test_saved_labels_train_a_new_checkpoint_that_the_server_serves(server, stud
     labelled = list(studies.phantoms)[:2]
     for image_id in labelled:
         label = studies.phantoms[image_id].label_map()  # the bundle's encoding: 0 background, 1 lung, 2 opacity
-        saved = json.loads(request(f"{server.url}/datastore/label?image={image_id}&tag=final", method="PUT",
-                                   fields={"params": "{}"}, files={"label": (f"{image_id}.png", png_bytes(label))}))
+        saved = json.loads(
+            request(
+                f"{server.url}/datastore/label?image={image_id}&tag=final",
+                method="PUT",
+                fields={"params": "{}"},
+                files={"label": (f"{image_id}.png", png_bytes(label))},
+            )
+        )
         assert saved["image"] == image_id
     datastore = json.loads(request(f"{server.url}/datastore/?output=stats"))
     assert datastore["completed"] == len(labelled), datastore
@@ -160,7 +175,9 @@ def test_saved_labels_train_a_new_checkpoint_that_the_server_serves(server, stud
         if task.get("status") not in ("SUBMITTED", "RUNNING"):
             break
         time.sleep(2)
-    assert task.get("status") == "DONE", f"training did not finish: {task}\n{serve_monailabel.log_tail(server.log_file)}"
+    assert (
+        task.get("status") == "DONE"
+    ), f"training did not finish: {task}\n{serve_monailabel.log_tail(server.log_file)}"
 
     runs = list((server.served_bundle / "runs").glob("*/checkpoint_epoch=1.pt"))
     assert runs, f"no checkpoint written under {server.served_bundle / 'runs'}"
@@ -176,6 +193,7 @@ def test_saved_labels_train_a_new_checkpoint_that_the_server_serves(server, stud
 def test_monailabel_mask_is_transposed_uint8_and_png_for_jpeg_studies():
     import torch
     from monai.data import MetaTensor
+
     from scripts.monailabel_output import MonaiLabelMaskd
 
     classes = torch.zeros(1, 3, 5)
@@ -193,6 +211,7 @@ def test_monailabel_mask_is_transposed_uint8_and_png_for_jpeg_studies():
 def test_monailabel_mask_reports_an_unreadable_image():
     import torch
     from monai.data import MetaTensor
+
     from scripts.monailabel_output import MonaiLabelMaskd
 
     image = MetaTensor(torch.zeros(1, 32, 32), meta={"filename_or_obj": "/studies/bad.png", "error": "not an image"})
@@ -203,6 +222,7 @@ def test_monailabel_mask_reports_an_unreadable_image():
 def test_publish_weights_writes_the_last_weights_or_the_best_checkpoint(tmp_path):
     import torch
     from ignite.engine import Engine
+
     from scripts.checkpoints import PublishWeights
 
     network = torch.nn.Linear(2, 1)
@@ -221,15 +241,22 @@ def test_publish_weights_writes_the_last_weights_or_the_best_checkpoint(tmp_path
     assert torch.equal(torch.load(target)["weight"], torch.ones(1, 2))
 
 
-def test_served_configs_link_the_bundle_and_override_only_known_keys(tmp_path):
+def test_served_configs_merge_the_bundle_configs_and_override_only_known_keys(tmp_path):
+    """MONAI Label reads inference.yaml and train.yaml alone: they are served merged with common.yaml."""
     import yaml
+    from monai.bundle import ConfigParser
 
     serve_monailabel.write_served_configs(serve_monailabel.BUNDLE, tmp_path / "configs", {"image_size": [64, 64]})
     assert (tmp_path / "configs" / "metadata.json").is_symlink()
-    for name in serve_monailabel.OVERRIDABLE_CONFIGS:
+    for name, workflow in serve_monailabel.SERVED_CONFIGS.items():
         served = yaml.safe_load((tmp_path / "configs" / name).read_text())
-        original = yaml.safe_load((serve_monailabel.BUNDLE / "configs" / name).read_text())
-        assert served == {**original, "image_size": [64, 64]}
+        assert served["image_size"] == [64, 64] and served["network_def"]["backbone"] == "resnet18"
+        merged = ConfigParser()
+        merged.read_config([str(serve_monailabel.BUNDLE / "configs" / config) for config in workflow])
+        parsed = ConfigParser(served)  # the served file alone defines everything the merged files define
+        assert sorted(parsed.get()) == sorted(key for key in merged.get() if key != "_meta_")
+    served_inference = yaml.safe_load((tmp_path / "configs" / "inference.yaml").read_text())
+    assert served_inference["load_radiograph"]["record_errors"] is True  # inference.yaml's ``#`` override applied
     with pytest.raises(ValueError, match="no_such_key"):
         serve_monailabel.write_served_configs(serve_monailabel.BUNDLE, tmp_path / "again", {"no_such_key": 1})
     assert serve_monailabel.parse_override("image_size=[64,64]") == ("image_size", [64, 64])

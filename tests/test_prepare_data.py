@@ -14,10 +14,18 @@ from scripts.labelme import embedded_image_array, read_labelme
 
 
 def write_json(path, rows, columns, shapes, image_path="missing.png", image_data=None):
-    document = {"version": "4.5.6", "flags": {}, "imagePath": image_path, "imageData": image_data,
-                "imageHeight": rows, "imageWidth": columns,
-                "shapes": [{"label": label, "points": points, "group_id": None, "shape_type": "polygon", "flags": {}}
-                           for label, points in shapes]}
+    document = {
+        "version": "4.5.6",
+        "flags": {},
+        "imagePath": image_path,
+        "imageData": image_data,
+        "imageHeight": rows,
+        "imageWidth": columns,
+        "shapes": [
+            {"label": label, "points": points, "group_id": None, "shape_type": "polygon", "flags": {}}
+            for label, points in shapes
+        ],
+    }
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle)
     return str(path)
@@ -41,9 +49,11 @@ def test_labelme_polygon_areas_match_masks(tmp_path):
     document = phantoms.write_labelme(json_path, phantom, "big.png")
     annotation = read_labelme(json_path)
     assert annotation.image_path == str(tmp_path / "big.png")
-    for label, mask, truth in (("right_lung", annotation.right_lung, phantom.right_lung),
-                               ("left_lung", annotation.left_lung, phantom.left_lung),
-                               ("opacity", annotation.opacity, phantom.opacity)):
+    for label, mask, truth in (
+        ("right_lung", annotation.right_lung, phantom.right_lung),
+        ("left_lung", annotation.left_lung, phantom.left_lung),
+        ("opacity", annotation.opacity, phantom.opacity),
+    ):
         polygons = [shape["points"] for shape in document["shapes"] if shape["label"] == label]
         assert polygons and all(len(points) >= 3 for points in polygons)
         if label != "opacity":
@@ -74,8 +84,11 @@ def test_labelme_vertices_outside_the_image_are_clipped(tmp_path):
 
 def test_labelme_opacity_outside_lung_is_dropped(tmp_path):
     phantoms.write_png(tmp_path / "image.png", phantoms.make_phantom(100, 120, seed=2).image)
-    shapes = [("right_lung", rectangle(10, 10, 49, 89)), ("left_lung", rectangle(70, 10, 109, 89)),
-              ("opacity", rectangle(30, 40, 89, 59))]  # spans both lungs and the mediastinum between them
+    shapes = [
+        ("right_lung", rectangle(10, 10, 49, 89)),
+        ("left_lung", rectangle(70, 10, 109, 89)),
+        ("opacity", rectangle(30, 40, 89, 59)),
+    ]  # spans both lungs and the mediastinum between them
     labels = read_labelme(write_json(tmp_path / "opacity.json", 100, 120, shapes, image_path="image.png")).label_map()
     assert set(np.unique(labels)) == {0, 1, 2}
     assert (labels == 2).sum() == 2 * 20 * 20
@@ -98,8 +111,22 @@ def test_labelme_embedded_image(tmp_path):
 
 
 def run_prepare(dataset, output, seed=3, extra=()):
-    argv = ["--images", dataset.images, "--masks", dataset.masks, "--labelme", dataset.labelme,
-            "--metadata", dataset.metadata, "--output", str(output), "--val-fraction", "0.5", "--seed", str(seed)]
+    argv = [
+        "--images",
+        dataset.images,
+        "--masks",
+        dataset.masks,
+        "--labelme",
+        dataset.labelme,
+        "--metadata",
+        dataset.metadata,
+        "--output",
+        str(output),
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        str(seed),
+    ]
     code = prepare_data.main(argv + list(extra))
     with open(os.path.join(output, "datalist.json"), encoding="utf-8") as handle:
         datalist = json.load(handle)
@@ -136,8 +163,9 @@ def test_prepare_data_labels_and_split(phantom_dataset, tmp_path):
     again_code, again, _ = run_prepare(phantom_dataset, tmp_path / "second")
     assert again_code == 0
     for part in ("training", "validation"):
-        assert [(s["image"], s["patient_id"]) for s in again[part]] == [(s["image"], s["patient_id"])
-                                                                       for s in datalist[part]]
+        assert [(s["image"], s["patient_id"]) for s in again[part]] == [
+            (s["image"], s["patient_id"]) for s in datalist[part]
+        ]
 
 
 def test_prepare_data_oversamples_labelme_training_images_only(phantom_dataset, tmp_path):
@@ -208,8 +236,9 @@ def test_prepare_data_moves_training_labelme_onto_the_lung_mask(tmp_path):
 def test_prepare_data_skips_bad_files_by_name(phantom_dataset, tmp_path):
     root = tmp_path / "data"  # a copy: the session dataset stays intact
     shutil.copytree(phantom_dataset.root, root)
-    copy = phantoms.PhantomDataset(str(root), str(root / "images"), str(root / "masks"), str(root / "labelme"),
-                                   str(root / "metadata.csv"), [], [])
+    copy = phantoms.PhantomDataset(
+        str(root), str(root / "images"), str(root / "masks"), str(root / "labelme"), str(root / "metadata.csv"), [], []
+    )
     broken = root / "images" / "broken.png"
     content = open(root / "images" / "phantom_001.png", "rb").read()
     broken.write_bytes(content[: len(content) // 3])
@@ -300,8 +329,10 @@ def test_mask_source_without_opacity_annotation_and_with_a_wider_lung_field(tmp_
                 grown |= np.roll(np.roll(phantom.lung, dy, axis=0), dx, axis=1)
         phantoms.write_mask_png(field / f"case_{index}.png", grown)
     output = tmp_path / "out"
-    specs = [source_spec(tmp_path / "src", name="lungs_only", opacity=False),
-             source_spec(tmp_path / "src", name="widened", extra=f",lung_field={field}")]
+    specs = [
+        source_spec(tmp_path / "src", name="lungs_only", opacity=False),
+        source_spec(tmp_path / "src", name="widened", extra=f",lung_field={field}"),
+    ]
     assert prepare_data.main(["--mask-source", specs[0], "--mask-source", specs[1], "--output", str(output),
                               "--val-fraction", "0", "--seed", "0"]) == 0  # fmt: skip
     datalist, report = load_prepared(output)
@@ -338,10 +369,12 @@ def test_mask_source_reports_missing_masks_by_name(tmp_path):
 
 def test_mask_source_spec_errors_name_the_problem(tmp_path):
     write_mask_folder_source(tmp_path / "src", count=1)
-    for spec, words in ((f"name=x,images={tmp_path / 'src' / 'images'}", "lacks ['lungs']"),
-                        (source_spec(tmp_path / "src", name="labelme"), "reserved"),
-                        (source_spec(tmp_path / "src") + ",colour=red", "unknown key 'colour'"),
-                        (source_spec(tmp_path / "src").replace("/lungs", "/missing"), "not found")):
+    for spec, words in (
+        (f"name=x,images={tmp_path / 'src' / 'images'}", "lacks ['lungs']"),
+        (source_spec(tmp_path / "src", name="labelme"), "reserved"),
+        (source_spec(tmp_path / "src") + ",colour=red", "unknown key 'colour'"),
+        (source_spec(tmp_path / "src").replace("/lungs", "/missing"), "not found"),
+    ):
         with pytest.raises(SystemExit):
             prepare_data.main(["--mask-source", spec, "--output", str(tmp_path / "out")])
         with pytest.raises(Exception) as error:

@@ -62,14 +62,26 @@ CASES = {  # name: (file name, writer, expected spacing, expected transfer synta
     "dicom12": ("image.dcm", _dicom(bits=12, spacing_mm=SPACING), SPACING, None),
     "dicom16": ("image.dcm", _dicom(bits=16, spacing_mm=SPACING), SPACING, None),
     "dicom_imager_spacing": (  # at the detector, no magnification factor: no spacing at the patient
-        "image.dcm", _dicom(bits=16, spacing_mm=SPACING, spacing_tag="ImagerPixelSpacing"), None, None),
+        "image.dcm",
+        _dicom(bits=16, spacing_mm=SPACING, spacing_tag="ImagerPixelSpacing"),
+        None,
+        None,
+    ),
     "dicom_monochrome1": ("image.dcm", _dicom(bits=16, photometric="MONOCHROME1"), None, None),
     "dicom_monochrome1_12_window": (
-        "image.dcm", _dicom(bits=12, photometric="MONOCHROME1", window=(2048, 4000)), None, None),
+        "image.dcm",
+        _dicom(bits=12, photometric="MONOCHROME1", window=(2048, 4000)),
+        None,
+        None,
+    ),
     "dicom_window": ("image.dcm", _dicom(bits=16, window=(32768, 60000)), None, None),
     "dicom_rle": ("image.dcm", _dicom(bits=16, transfer_syntax="rle"), None, UIDS["rle"]),
     "dicom_rle_monochrome1": (
-        "image.dcm", _dicom(bits=12, photometric="MONOCHROME1", transfer_syntax="rle"), None, UIDS["rle"]),
+        "image.dcm",
+        _dicom(bits=12, photometric="MONOCHROME1", transfer_syntax="rle"),
+        None,
+        UIDS["rle"],
+    ),
     "dicom_jpeg2000": ("image.dcm", _dicom(bits=12, transfer_syntax="jpeg2000"), None, UIDS["jpeg2000"]),
     "dicom_jpeg_baseline": ("image.dcm", _dicom(bits=8, transfer_syntax="jpeg_baseline"), None, UIDS["jpeg_baseline"]),
     "dicom_no_extension": ("radiograph", _dicom(bits=16, spacing_mm=SPACING), SPACING, None),
@@ -192,7 +204,8 @@ def test_loaders_keep_image_and_label_aligned(case, phantom, tmp_path):
     labels[phantom.marker] = 2  # stamp the asymmetric marker into the label map as well
     image_path, label_path = str(tmp_path / image_name), str(tmp_path / label_name)
     {".png": phantoms.write_png, ".dcm": phantoms.write_dicom}.get(
-        os.path.splitext(image_name)[1], phantoms.write_nifti)(image_path, phantom.image)
+        os.path.splitext(image_name)[1], phantoms.write_nifti
+    )(image_path, phantom.image)
     if label_name.endswith(".png"):
         write_label_png(label_path, labels)
     else:
@@ -223,8 +236,9 @@ def test_a_clipping_window_falls_back_to_the_stored_range_and_says_so(phantom, t
 
     narrow = read_radiograph(str(tmp_path / "narrow.dcm"))
     np.testing.assert_array_equal(narrow.pixels, stored)  # the full stored range, not a black-and-white image
-    assert narrow.warnings == ["stored VOI window (centre 60000, width 100) clips 100 % of the pixels; used the full "
-                               "stored range instead"]
+    assert narrow.warnings == [
+        "stored VOI window (centre 60000, width 100) clips 100 % of the pixels; used the full " "stored range instead"
+    ]
 
     sensible = read_radiograph(str(tmp_path / "sensible.dcm"))
     assert sensible.warnings == []
@@ -237,26 +251,55 @@ def test_a_clipping_window_falls_back_to_the_stored_range_and_says_so(phantom, t
 SPACING_CASES = {  # name: (tags, expected spacing, expected source, expected warnings)
     "pixel_spacing": ({"PixelSpacing": ["0.1", "0.2"]}, (0.1, 0.2), "PixelSpacing", []),
     "imager_only": (
-        {"ImagerPixelSpacing": ["0.1", "0.2"]}, None, "",
-        ["ImagerPixelSpacing is at the detector and no EstimatedRadiographicMagnificationFactor: "
-         "areas in pixels only"]),
+        {"ImagerPixelSpacing": ["0.1", "0.2"]},
+        None,
+        "",
+        [
+            "ImagerPixelSpacing is at the detector and no EstimatedRadiographicMagnificationFactor: "
+            "areas in pixels only"
+        ],
+    ),
     "imager_magnified": (
-        {"ImagerPixelSpacing": ["0.108", "0.216"], "EstimatedRadiographicMagnificationFactor": "1.08"}, (0.1, 0.2),
-        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor 1.08", []),
+        {"ImagerPixelSpacing": ["0.108", "0.216"], "EstimatedRadiographicMagnificationFactor": "1.08"},
+        (0.1, 0.2),
+        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor 1.08",
+        [],
+    ),
     "pixel_repeats_imager": (
-        {"PixelSpacing": ["0.1", "0.2"], "ImagerPixelSpacing": ["0.1", "0.2"]}, None, "",
-        ["ImagerPixelSpacing is at the detector (PixelSpacing repeats it without PixelSpacingCalibrationType) and no "
-         "EstimatedRadiographicMagnificationFactor: areas in pixels only"]),
+        {"PixelSpacing": ["0.1", "0.2"], "ImagerPixelSpacing": ["0.1", "0.2"]},
+        None,
+        "",
+        [
+            "ImagerPixelSpacing is at the detector (PixelSpacing repeats it without PixelSpacingCalibrationType) "
+            "and no EstimatedRadiographicMagnificationFactor: areas in pixels only"
+        ],
+    ),
     "pixel_repeats_imager_magnified": (
-        {"PixelSpacing": ["0.108", "0.216"], "ImagerPixelSpacing": ["0.108", "0.216"],
-         "EstimatedRadiographicMagnificationFactor": "1.08"}, (0.1, 0.2),
-        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor 1.08", []),
+        {
+            "PixelSpacing": ["0.108", "0.216"],
+            "ImagerPixelSpacing": ["0.108", "0.216"],
+            "EstimatedRadiographicMagnificationFactor": "1.08",
+        },
+        (0.1, 0.2),
+        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor 1.08",
+        [],
+    ),
     "pixel_calibrated": (
-        {"PixelSpacing": ["0.1", "0.2"], "ImagerPixelSpacing": ["0.1", "0.2"],
-         "PixelSpacingCalibrationType": "GEOMETRY"},
-        (0.1, 0.2), "PixelSpacing", []),
+        {
+            "PixelSpacing": ["0.1", "0.2"],
+            "ImagerPixelSpacing": ["0.1", "0.2"],
+            "PixelSpacingCalibrationType": "GEOMETRY",
+        },
+        (0.1, 0.2),
+        "PixelSpacing",
+        [],
+    ),
     "pixel_differs_from_imager": (
-        {"PixelSpacing": ["0.1", "0.2"], "ImagerPixelSpacing": ["0.11", "0.22"]}, (0.1, 0.2), "PixelSpacing", []),
+        {"PixelSpacing": ["0.1", "0.2"], "ImagerPixelSpacing": ["0.11", "0.22"]},
+        (0.1, 0.2),
+        "PixelSpacing",
+        [],
+    ),
     "none": ({}, None, "", []),
 }
 
@@ -275,8 +318,9 @@ def test_dicom_spacing_is_reported_only_at_the_patient(case, tmp_path):
 def test_dicom_tags_for_the_input_gate(tmp_path):
     image = phantoms.make_phantom(64, 80, seed=1).image
     phantoms.write_dicom(tmp_path / "chest.dcm", image)
-    phantoms.write_dicom(tmp_path / "ct.dcm", image, extra_tags={"Modality": "CT", "ViewPosition": "LL",
-                                                                 "BodyPartExamined": "HEAD"})
+    phantoms.write_dicom(
+        tmp_path / "ct.dcm", image, extra_tags={"Modality": "CT", "ViewPosition": "LL", "BodyPartExamined": "HEAD"}
+    )
     phantoms.write_png(tmp_path / "chest.png", image)
     details = {name: read_radiograph(str(tmp_path / name)).details for name in ("chest.dcm", "ct.dcm", "chest.png")}
     keys = ("modality", "view_position", "body_part_examined")
@@ -332,6 +376,7 @@ def test_nifti_of_several_volumes_is_refused_and_rgb_nifti_becomes_grey(phantom,
 
 def _png_header_only(path, width: int, height: int) -> None:
     """A PNG whose header claims width x height grey pixels but holds 100 bytes of image data (undecodable)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -5,11 +5,11 @@ import csv
 import json
 import math
 
+import calibrate_severity
 import numpy as np
 import pytest
-
-import calibrate_severity
 from calibrate_severity import ScoredImages, cross_validate, fit_rules, patient_folds, predict
+
 from scripts.score_agreement import agreement, read_scores, score_agreement
 from scripts.severity import SeverityRules
 from scripts.severity_calibration import calibration_content, load_calibration
@@ -109,14 +109,20 @@ def calibration_inputs(folder, images: ScoredImages):
     settings = {"bundle_version": "9.9.9", "model_file": "models/model.pt", "model_sha256": "abc"}
     (folder / "severity.json").write_text(json.dumps({"settings": settings, "images": []}))
     scores = [
-        {"filename": name, "geographic_extent": images.targets["geographic_extent"][index],
-         "opacity": images.targets["opacity_score"][index]}
+        {
+            "filename": name,
+            "geographic_extent": images.targets["geographic_extent"][index],
+            "opacity": images.targets["opacity_score"][index],
+        }
         for index, name in enumerate(images.names)
     ] + [{"filename": name, "geographic_extent": 4.0, "opacity": 3.0} for name in ("broken.png", "never_inferred.png")]
     write_csv(folder / "scores.csv", ["filename", "geographic_extent", "opacity"], scores)
     patients = [*images.patients, "patient_broken", "patient_never"]
-    write_csv(folder / "metadata.csv", ["patientid", "filename"],
-              [{"patientid": patient, "filename": row["filename"]} for patient, row in zip(patients, scores)])
+    write_csv(
+        folder / "metadata.csv",
+        ["patientid", "filename"],
+        [{"patientid": patient, "filename": row["filename"]} for patient, row in zip(patients, scores)],
+    )
     # fmt: skip
 
 

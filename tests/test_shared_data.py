@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLE, ROOT, run_bundle
+
+from conftest import ROOT, config_files, run_bundle
 
 SHARED = ROOT.parent / "shared" / "data"
 COHEN = SHARED / "cohen-cxr"
@@ -53,7 +54,7 @@ def test_shared_preparation_splits_by_patient(shared_prepared):
 
 def test_shared_training_two_epochs_at_reduced_size(shared_prepared, tmp_path):
     result = run_bundle(
-        "run", "training", "--config_file", str(BUNDLE / "configs" / "train.yaml"),
+        "run", "training", "--config_file", config_files("training"),
         "--dataset_dir", str(shared_prepared), "--output_dir", str(tmp_path),
         "--image_size", "[64,64]", "--num_epochs", "2", "--val_interval", "2", "--batch_size", "16",
     )  # fmt: skip
@@ -89,7 +90,7 @@ def test_shared_shipped_weights_segment_held_out_lungs(shared_data, tmp_path):
     )
     assert code == 0
     result = run_bundle(
-        "run", "--config_file", f"['{BUNDLE / 'configs' / 'inference.yaml'}','{BUNDLE / 'configs' / 'evaluate.yaml'}']",
+        "run", "--config_file", config_files("evaluate"),
         "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "evaluation"),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -124,11 +125,13 @@ def test_shared_shipped_weights_find_covid_qu_ex_opacity(shared_data, tmp_path):
         for name in names:
             (tmp_path / folder / name).symlink_to(QUEX / folder / name)
     (tmp_path / "split.csv").write_text("image,published_split\n" + "".join(f"{name},val\n" for name in names))
-    spec = (f"name=covid-qu-ex,images={tmp_path / 'images'},lungs={tmp_path / 'lung_masks'},"
-            f"opacity={tmp_path / 'infection_masks'},split={tmp_path / 'split.csv'}")
+    spec = (
+        f"name=covid-qu-ex,images={tmp_path / 'images'},lungs={tmp_path / 'lung_masks'},"
+        f"opacity={tmp_path / 'infection_masks'},split={tmp_path / 'split.csv'}"
+    )
     assert prepare_data.main(["--mask-source", spec, "--output", str(tmp_path / "prepared")]) == 0
     result = run_bundle(
-        "run", "--config_file", f"['{BUNDLE / 'configs' / 'inference.yaml'}','{BUNDLE / 'configs' / 'evaluate.yaml'}']",
+        "run", "--config_file", config_files("evaluate"),
         "--dataset_dir", str(tmp_path / "prepared"), "--datalist_key", "test",
         "--output_dir", str(tmp_path / "evaluation"),
     )  # fmt: skip

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, run_bundle
 
 import phantoms
 import prepare_data
+from conftest import BUNDLE, config_files, run_bundle
 from scripts.checkpoints import RECORD_KEY, latest_checkpoint
 from scripts.labelme import read_labelme
 from scripts.radiograph_io import RadiographError
@@ -32,10 +32,24 @@ def write_labelme(path, shapes, rows=100, columns=120, image_path="image.png") -
     image = os.path.join(os.path.dirname(str(path)), image_path)
     if not os.path.exists(image):
         phantoms.write_png(image, phantoms.make_phantom(rows, columns, seed=2).image)
-    document = {"version": "5.4.1", "flags": {}, "imagePath": image_path, "imageData": None,
-                "imageHeight": rows, "imageWidth": columns,
-                "shapes": [{"label": shape[0], "points": shape[1], "group_id": None, "flags": {},
-                            "shape_type": shape[2] if len(shape) > 2 else "polygon"} for shape in shapes]}
+    document = {
+        "version": "5.4.1",
+        "flags": {},
+        "imagePath": image_path,
+        "imageData": None,
+        "imageHeight": rows,
+        "imageWidth": columns,
+        "shapes": [
+            {
+                "label": shape[0],
+                "points": shape[1],
+                "group_id": None,
+                "flags": {},
+                "shape_type": shape[2] if len(shape) > 2 else "polygon",
+            }
+            for shape in shapes
+        ],
+    }
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle)
     return str(path)
@@ -80,14 +94,17 @@ def test_labelme_rectangle_and_circle_are_filled(tmp_path):
     assert annotation.left_lung[50, 90] and annotation.left_lung[50, 71] and not annotation.left_lung[50, 69]
 
 
-@pytest.mark.parametrize("shape, problem", [
-    (("opacity", [[20, 30], [60, 30]], "line"), "shapes[2] ('opacity') is a 'line', which has no area"),
-    (("opacity", [[20, 30]], "point"), "shapes[2] ('opacity') is a 'point', which has no area"),
-    (("opacity", [[20, 30], [60, 30], [20, 30]]), "shapes[2] ('opacity') is a polygon with 2 distinct points"),
-    (("opacity", [[20, 30], [40, 40], [60, 50]]), "shapes[2] ('opacity') is a polygon with no area"),
-    (("opacity", [[20, 30], [20, 60]], "rectangle"), "shapes[2] ('opacity') is a rectangle with no area"),
-    (("opacity", [[20, 30], ["a", 60], [40, 50]]), "shapes[2] ('opacity') has points that are not"),
-])
+@pytest.mark.parametrize(
+    "shape, problem",
+    [
+        (("opacity", [[20, 30], [60, 30]], "line"), "shapes[2] ('opacity') is a 'line', which has no area"),
+        (("opacity", [[20, 30]], "point"), "shapes[2] ('opacity') is a 'point', which has no area"),
+        (("opacity", [[20, 30], [60, 30], [20, 30]]), "shapes[2] ('opacity') is a polygon with 2 distinct points"),
+        (("opacity", [[20, 30], [40, 40], [60, 50]]), "shapes[2] ('opacity') is a polygon with no area"),
+        (("opacity", [[20, 30], [20, 60]], "rectangle"), "shapes[2] ('opacity') is a rectangle with no area"),
+        (("opacity", [[20, 30], ["a", 60], [40, 50]]), "shapes[2] ('opacity') has points that are not"),
+    ],
+)
 def test_labelme_shape_without_area_is_refused_naming_shape_and_label(tmp_path, shape, problem):
     path = write_labelme(tmp_path / "case.json", [("right_lung", RIGHT), ("left_lung", LEFT), shape])
     assert refusal(path).startswith(f"{path}: {problem}")
@@ -108,10 +125,14 @@ def test_labelme_self_overlapping_outlines_cover_all_they_enclose(tmp_path):
     pentagram = [outer[(2 * k) % 5] for k in range(5)]  # one outline crossing itself: its centre is enclosed twice
     star = [point for pair in zip(outer, inner) for point in pair]  # the same star as a simple outline
     square = [[110, 10], [190, 10], [190, 90], [110, 90]]
-    drawn = read_labelme(write_labelme(tmp_path / "overlap.json", [("right_lung", pentagram),
-                                                                   ("left_lung", square + square)], columns=200))
-    simple = read_labelme(write_labelme(tmp_path / "simple.json", [("right_lung", star), ("left_lung", square)],
-                                        columns=200))
+    drawn = read_labelme(
+        write_labelme(
+            tmp_path / "overlap.json", [("right_lung", pentagram), ("left_lung", square + square)], columns=200
+        )
+    )
+    simple = read_labelme(
+        write_labelme(tmp_path / "simple.json", [("right_lung", star), ("left_lung", square)], columns=200)
+    )
     assert drawn.right_lung[50, 50]  # the even-odd fill would leave the centre pentagon empty
     assert np.sum(drawn.right_lung ^ simple.right_lung) < 0.02 * simple.right_lung.sum()
     np.testing.assert_array_equal(drawn.left_lung, simple.left_lung)  # traced twice: even-odd keeps only the outline
@@ -143,8 +164,20 @@ def test_prepare_data_refuses_two_labelme_files_for_one_image(tmp_path):
     second = write_labelme(labelme / "case_1_redo.json", lungs[:1], image_path="../images/case_1.png")
     write_labelme(labelme / "case_2.json", lungs, image_path="../images/case_2.png")
     output = tmp_path / "out"
-    code = prepare_data.main(["--images", str(images), "--masks", str(tmp_path / "masks"), "--labelme", str(labelme),
-                              "--output", str(output), "--val-fraction", "0"])
+    code = prepare_data.main(
+        [
+            "--images",
+            str(images),
+            "--masks",
+            str(tmp_path / "masks"),
+            "--labelme",
+            str(labelme),
+            "--output",
+            str(output),
+            "--val-fraction",
+            "0",
+        ]
+    )
     assert code == 0
     report = json.loads((output / "preparation_report.json").read_text())
     assert [entry["file"] for entry in report["skipped"]] == [first, second]
@@ -204,7 +237,8 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one_to_resume_from(tmp_
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == [
-        "checkpoint_epoch=1.pt"]  # no 0-byte checkpoint_epoch=2.pt, and epoch 1 is not deleted yet
+        "checkpoint_epoch=1.pt"
+    ]  # no 0-byte checkpoint_epoch=2.pt, and epoch 1 is not deleted yet
     assert len(list(tmp_path.glob(".tmp-*.partial"))) == 1  # what was being written
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_epoch=1.pt")
     assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["model"]["weight"].tolist() == [1, 1, 1]
@@ -213,15 +247,17 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one_to_resume_from(tmp_
 
 def test_training_resumes_past_a_corrupt_checkpoint_and_keeps_the_best_model(prepared_phantoms, tmp_path):
     arguments = [
-        "run", "training", "--config_file", str(BUNDLE / "configs" / "train.yaml"),
+        "run", "training", "--config_file", config_files("training"),
         "--dataset_dir", str(prepared_phantoms), "--output_dir", str(tmp_path),
         "--image_size", "[32,32]", "--val_interval", "1",
         "--learning_rate", "0.003", "--num_workers", "0",
     ]  # fmt: skip
     first = run_bundle(*arguments, "--num_epochs", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt",
-                                                                               "checkpoint_epoch=2.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch=*.pt")) == [
+        "checkpoint_epoch=1.pt",
+        "checkpoint_epoch=2.pt",
+    ]
     assert not list(tmp_path.glob(".tmp-*"))  # no temporary file left behind
     record = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)[RECORD_KEY]
     assert record["best_metric_epoch"] == 1 and len(record["saved"]) == 1
@@ -239,8 +275,10 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_keeps_the_best_model(pre
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"WARNING - skipping unreadable checkpoint {tmp_path / 'checkpoint_epoch=2.pt'}" in resumed.stdout
     assert f"Restored all variables from {tmp_path / 'checkpoint_epoch=1.pt'}" in resumed.stdout
-    assert f"restored the best validation record from {tmp_path / 'checkpoint_epoch=1.pt'}: 1.0000 at epoch 1" \
+    assert (
+        f"restored the best validation record from {tmp_path / 'checkpoint_epoch=1.pt'}: 1.0000 at epoch 1"
         in resumed.stdout
+    )
     assert "Epoch: 2/3" in resumed.stdout and "Epoch: 1/3" not in resumed.stdout
     assert "Got new best metric" not in resumed.stdout
     assert (tmp_path / "model.pt").read_bytes() == best_model

@@ -30,8 +30,10 @@ def test_each_label_kind_gives_its_own_figure():
 
 def test_selection_score_is_the_mean_of_the_available_terms():
     predicted = class_map(opacity=(2, 10, 2, 18))
-    figures = {name: LungOpacityFigure(name) for name in
-               ("reference_lung_dice", "opacity_dice", "clear_lung_false_opacity", "selection_score")}
+    figures = {
+        name: LungOpacityFigure(name)
+        for name in ("reference_lung_dice", "opacity_dice", "clear_lung_false_opacity", "selection_score")
+    }
     for figure in figures.values():
         figure.reset()
         figure.update(([predicted, predicted], [class_map(value=3), class_map()]))  # no opacity annotated and present

@@ -3,26 +3,37 @@
 import csv
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, run_bundle
 from monai.bundle import ConfigParser
+
+from conftest import (
+    BUNDLE,
+    PHANTOM_IMAGE_SIZE,
+    PYTHON,
+    ROOT,
+    WORKFLOW_CONFIGS,
+    bundle_command,
+    config_files,
+    run_bundle,
+)
 
 CONFIGS = BUNDLE / "configs"
 
 
-def parser_for(*config_names: str, **overrides) -> ConfigParser:
+def parser_for(workflow: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in config_names])
+    parser.read_config([str(CONFIGS / name) for name in WORKFLOW_CONFIGS[workflow]])
     parser.read_meta(str(CONFIGS / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), **overrides})
     return parser
 
 
 def test_train_config_instantiates_trainer_and_evaluator(prepared_phantoms, tmp_path):
-    parser = parser_for("train.yaml", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
+    parser = parser_for("training", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert len(trainer.data_loader.dataset) > 0 and len(evaluator.data_loader.dataset) > 0
@@ -33,25 +44,38 @@ def test_train_config_instantiates_trainer_and_evaluator(prepared_phantoms, tmp_
 
 
 def test_inference_and_evaluate_configs_instantiate(prepared_phantoms, tmp_path):
-    inference = parser_for("inference.yaml", dataset_dir=str(BUNDLE / "docs" / "samples"), output_dir=str(tmp_path))
+    inference = parser_for("inference", dataset_dir=str(BUNDLE / "docs" / "samples"), output_dir=str(tmp_path))
     assert len(inference.get_parsed_content("evaluator").data_loader.dataset) == 3
-    evaluate = parser_for("inference.yaml", "evaluate.yaml", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
+    evaluate = parser_for("evaluate", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
     item = evaluate.get_parsed_content("dataset")[0]
     assert item["image"].shape[1:] == (224, 224)
     assert item["label"].shape[1:] == item["display"].shape[1:] == tuple(item["image"].meta["original_shape"])
 
 
-def test_multi_gpu_config_merges_with_train_config():
-    parser = parser_for("train.yaml", "multi_gpu_train.yaml")
-    assert parser["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
-    assert parser["train"]["dataloader"]["sampler"] == "@train#sampler"
-    assert parser["train"]["dataloader"]["shuffle"] is False
-    assert parser["train"]["trainer"]["_target_"] == "SupervisedTrainer"  # train.yaml content is kept
-    assert parser["train"]["checkpoint_handlers"][1]["_disabled_"] == "@is_not_rank0"
+def test_multi_gpu_training_runs_on_two_processes(prepared_phantoms, tmp_path):
+    """torchrun with 2 processes (gloo on the CPU): both ranks train and validate, rank 0 alone writes checkpoints."""
+    command = bundle_command(
+        "run", "training", "--config_file", config_files("multi_gpu_training"),
+        "--dataset_dir", str(prepared_phantoms), "--output_dir", str(tmp_path), "--image_size", "[32,32]",
+        "--num_epochs", "2", "--val_interval", "1", "--num_workers", "0",
+    )  # fmt: skip
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    result = subprocess.run(
+        torchrun + command[1:], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )  # ``-m monai.bundle ...`` after torchrun's own arguments
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert log.count("SupervisedTrainer - INFO - Engine run finished") == 2  # both ranks
+    assert log.count("Saved checkpoint at epoch: 2") == 1  # rank 0 only
+    written = sorted(path.name for path in tmp_path.glob("*.pt"))
+    assert written == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt", "model_final.pt"]
+    checkpoint = torch.load(tmp_path / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]
+    assert not any(key.startswith("module.") for key in checkpoint["model"])  # loads into the plain network
 
 
 def test_network_matches_metadata_input_and_output():
-    result = run_bundle("verify_net_in_out", "network_def", "--config_file", str(CONFIGS / "inference.yaml"))
+    result = run_bundle("verify_net_in_out", "network_def", "--config_file", config_files("inference"))
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -64,7 +88,7 @@ def epoch_losses(log_text: str) -> dict[int, list[float]]:
 
 def test_training_lowers_the_loss_and_resumes_after_interruption(prepared_phantoms, tmp_path):
     arguments = [
-        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(prepared_phantoms),
+        "run", "training", "--config_file", config_files("training"), "--dataset_dir", str(prepared_phantoms),
         "--output_dir", str(tmp_path), "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]",
         "--val_interval", "2", "--learning_rate", "0.003", "--num_workers", "0",
     ]  # fmt: skip
@@ -89,7 +113,7 @@ def test_evaluate_workflow_reports_metrics_on_phantoms(prepared_phantoms, phanto
     scores.write_text(f"filename,geographic_extent,opacity\n{scored[0]},2,1\n{scored[1]},5.5,3\nnot_here.png,8,6\n")
     output = tmp_path / "evaluation"
     result = run_bundle(
-        "run", "--config_file", f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'evaluate.yaml'}']",
+        "run", "--config_file", config_files("evaluate"),
         "--dataset_dir", str(prepared_phantoms), "--output_dir", str(output), "--ckpt_path", str(phantom_model),
         "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--scores_csv", str(scores),
     )  # fmt: skip
@@ -120,8 +144,53 @@ def test_evaluate_workflow_reports_metrics_on_phantoms(prepared_phantoms, phanto
 @pytest.mark.parametrize("run_id", ["training", "run"])
 def test_both_run_ids_start_training(prepared_phantoms, tmp_path, run_id):
     result = run_bundle(
-        "run", run_id, "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(prepared_phantoms),
+        "run", run_id, "--config_file", config_files("training"), "--dataset_dir", str(prepared_phantoms),
         "--output_dir", str(tmp_path), "--image_size", "[32,32]", "--num_epochs", "1", "--num_workers", "0",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "checkpoint_epoch=1.pt").is_file()
+
+
+def test_evaluate_gives_the_same_figures_over_train_and_inference_configs(prepared_phantoms, phantom_model, tmp_path):
+    """model-zoo runs evaluate merged over the training config: the figures match those over the inference config."""
+    tables = {}
+    for workflow in ("evaluate", "evaluate_after_training"):
+        output = tmp_path / workflow
+        result = run_bundle(
+            "run", "--config_file", config_files(workflow), "--dataset_dir", str(prepared_phantoms),
+            "--output_dir", str(output), "--ckpt_path", str(phantom_model),
+            "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        with open(output / "metrics.csv", newline="") as handle:
+            tables[workflow] = list(csv.DictReader(handle))
+    validation = json.loads((prepared_phantoms / "datalist.json").read_text())["validation"]
+    assert len(tables["evaluate"]) == len(validation) > 0
+    for row, other in zip(tables["evaluate"], tables["evaluate_after_training"]):
+        assert row["image"] == other["image"]
+        assert float(row["lung_dice"]) == pytest.approx(float(other["lung_dice"]), abs=1e-3)
+
+
+def repeated_blocks(first: list[str], second: list[str], length: int) -> list[tuple[str, ...]]:
+    """Runs of ``length`` consecutive lines that both texts hold."""
+    windows = {tuple(first[i : i + length]) for i in range(len(first) - length + 1)}
+    return [
+        tuple(second[i : i + length])
+        for i in range(len(second) - length + 1)
+        if tuple(second[i : i + length]) in windows
+    ]
+
+
+def test_configs_share_definitions_instead_of_copying_them():
+    """No block of 5 identical lines in two config files: shared definitions live in common.yaml."""
+    texts = {
+        path.name: [line.rstrip() for line in path.read_text().splitlines() if line.strip()]
+        for path in sorted(CONFIGS.glob("*.yaml"))
+    }
+    names = sorted(texts)
+    copies = {
+        (first, second): repeated_blocks(texts[first], texts[second], 5)
+        for index, first in enumerate(names)
+        for second in names[index + 1 :]
+    }
+    assert {pair: blocks for pair, blocks in copies.items() if blocks} == {}

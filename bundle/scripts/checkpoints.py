@@ -49,6 +49,8 @@ def readable_checkpoint(path: str) -> str | None:
 def latest_checkpoint(folder: str) -> str | None:
     """Newest readable ``checkpoint_epoch=N.pt`` written by the trainer's CheckpointSaver in ``folder``, or None.
 
+    Custom: MONAI's CheckpointLoader loads a named file; finding the newest readable one is left to the user.
+
     An unreadable newer checkpoint is skipped with a warning naming it; when checkpoints exist but none is readable,
     :class:`RuntimeError` names them (delete them to start the run afresh). Temporary files of an interrupted
     :class:`AtomicDiskSaver` write are removed.
@@ -68,8 +70,10 @@ def latest_checkpoint(folder: str) -> str | None:
         logger.warning(f"skipping unreadable checkpoint {path} ({problem}); trying the previous one")
         unreadable.append(path)
     if unreadable:
-        raise RuntimeError(f"no readable checkpoint to resume from in {folder}: {', '.join(unreadable)} cannot be "
-                           "loaded; delete them to start this run afresh")
+        raise RuntimeError(
+            f"no readable checkpoint to resume from in {folder}: {', '.join(unreadable)} cannot be "
+            "loaded; delete them to start this run afresh"
+        )
     return None
 
 
@@ -121,15 +125,31 @@ class AtomicDiskSaver(DiskSaver):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's CheckpointSaver (same arguments) writing every file through :class:`AtomicDiskSaver`."""
+    """MONAI's CheckpointSaver (same arguments) writing every file through :class:`AtomicDiskSaver`.
 
-    def __init__(self, save_dir: str, save_dict: dict, final_filename: str | None = None,
-                 key_metric_filename: str | None = None, **kwargs):
-        super().__init__(save_dir=save_dir, save_dict=save_dict, final_filename=final_filename,
-                         key_metric_filename=key_metric_filename, **kwargs)
-        for checkpoint, filename in ((self._final_checkpoint, final_filename),
-                                     (self._key_metric_checkpoint, key_metric_filename),
-                                     (self._interval_checkpoint, None)):
+    Not MONAI's CheckpointSaver alone: it writes in place, and a run stopped mid-write leaves a truncated checkpoint.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        final_filename: str | None = None,
+        key_metric_filename: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            save_dir=save_dir,
+            save_dict=save_dict,
+            final_filename=final_filename,
+            key_metric_filename=key_metric_filename,
+            **kwargs,
+        )
+        for checkpoint, filename in (
+            (self._final_checkpoint, final_filename),
+            (self._key_metric_checkpoint, key_metric_filename),
+            (self._interval_checkpoint, None),
+        ):
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, filename)
 
@@ -147,6 +167,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 class BestMetricRecord:
     """The validator's best key metric and epoch and the best-model saver's record, kept across a resume.
 
+    Custom: MONAI saves neither the best metric nor its epoch in the trainer's checkpoints, so a resumed run would
+    replace ``model.pt`` with a worse epoch.
+
     Listed in the trainer's CheckpointSaver ``save_dict`` (under :data:`RECORD_KEY`) it is saved in every checkpoint;
     attached to the trainer it restores itself from ``resume_checkpoint`` when training starts. A checkpoint written
     before this record existed is resumed with a warning that ``model.pt`` may be replaced by a worse epoch.
@@ -160,8 +183,11 @@ class BestMetricRecord:
     def state_dict(self) -> dict:
         state = self.evaluator.state
         saved = self.best_model_saver.key_metric_record() if self.best_model_saver is not None else []
-        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch),
-                "saved": saved}
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "saved": saved,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluator.state.best_metric = float(state["best_metric"])
@@ -177,25 +203,36 @@ class BestMetricRecord:
     def _restore(self, trainer) -> None:
         checkpoint = torch.load(self.resume_checkpoint, map_location="cpu", weights_only=True, mmap=True)
         if RECORD_KEY not in checkpoint:
-            logger.warning(f"{self.resume_checkpoint} holds no record of the best validation epoch (written by an "
-                           "older version): model.pt may be replaced by a worse epoch")
+            logger.warning(
+                f"{self.resume_checkpoint} holds no record of the best validation epoch (written by an "
+                "older version): model.pt may be replaced by a worse epoch"
+            )
             return
         self.load_state_dict(checkpoint[RECORD_KEY])
         state = self.evaluator.state
-        logger.info(f"restored the best validation record from {self.resume_checkpoint}: "
-                    f"{state.best_metric:.4f} at epoch {state.best_metric_epoch}")
+        logger.info(
+            f"restored the best validation record from {self.resume_checkpoint}: "
+            f"{state.best_metric:.4f} at epoch {state.best_metric_epoch}"
+        )
 
 
 class PublishWeights:
     """When training completes, write the run's weights to ``path`` (atomically); ``path`` None does nothing.
+
+    Custom: MONAI has no handler that writes the best weights to a fixed path when training ends.
 
     The best validation checkpoint (``best_checkpoint``) is published when this run wrote it (before a resume too,
     known from ``best_metric_record``), else the network's weights after the last epoch. A server that watches the
     file (MONAI Label reloads a model file whose modification time changed) uses the new weights at its next inference.
     """
 
-    def __init__(self, path: str | None, network: torch.nn.Module, best_checkpoint: str | None = None,
-                 best_metric_record: BestMetricRecord | None = None):
+    def __init__(
+        self,
+        path: str | None,
+        network: torch.nn.Module,
+        best_checkpoint: str | None = None,
+        best_metric_record: BestMetricRecord | None = None,
+    ):
         self.path, self.network, self.best_checkpoint = path, network, best_checkpoint
         self.best_metric_record = best_metric_record
         self._started_at = time.time()

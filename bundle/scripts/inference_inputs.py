@@ -19,6 +19,8 @@ def parse_flag(value, name: str) -> bool:
 def list_inputs(dataset_dir: str, recursive: bool | str = False, exclude_dir: str | None = None) -> list[dict]:
     """``[{"image": path, "name": name}, ...]`` for every visible file in ``dataset_dir``, sorted by ``name``.
 
+    Custom: MONAI reads datalists, not folders; every file is listed, unreadable ones too, for their error rows.
+
     ``name`` is the path relative to ``dataset_dir`` ("/"-separated; undecodable bytes of a file name written
     ``\\xNN``): the ``image`` column of the table and, without its extension, the output folder. With ``recursive``,
     files in subfolders too (a study/series DICOM export); hidden files and folders and ``exclude_dir`` (the output

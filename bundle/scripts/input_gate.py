@@ -289,8 +289,13 @@ def _check_lungs(assessment: InputAssessment, measures: LungFieldMeasures) -> No
               row_text)  # fmt: skip
         below(side.solidity, MIN_SOLIDITY_ERROR, MIN_SOLIDITY_WARNING, REASON_LUNG_SHAPE,
               f"the {name} lung fills {100 * side.solidity:.0f} % of its convex outline")  # fmt: skip
-        below(side.main_component_share, MIN_MAIN_COMPONENT_SHARE_ERROR, MIN_MAIN_COMPONENT_SHARE_WARNING,
-              REASON_LUNG_SHAPE, f"the {name} lung is in pieces (largest {100 * side.main_component_share:.0f} %)")
+        below(
+            side.main_component_share,
+            MIN_MAIN_COMPONENT_SHARE_ERROR,
+            MIN_MAIN_COMPONENT_SHARE_WARNING,
+            REASON_LUNG_SHAPE,
+            f"the {name} lung is in pieces (largest {100 * side.main_component_share:.0f} %)",
+        )
     below(m.contrast, MIN_CONTRAST_ERROR, MIN_CONTRAST_WARNING, REASON_CONTRAST,
           f"the lung fields are {'not ' if m.contrast is not None and m.contrast <= 0 else 'hardly '}darker than the "
           f"mediastinum (contrast {m.contrast or 0:+.2f}; a photographic negative or not a radiograph?)")  # fmt: skip

@@ -97,12 +97,16 @@ def _segments_cross(points: np.ndarray) -> bool:
         return np.sign(ab[..., 0] * ac[..., 1] - ab[..., 1] * ac[..., 0])
 
     def within(a, b, c):  # c inside the bounding box of segment a-b
-        return ((np.minimum(a[..., 0], b[..., 0]) <= c[..., 0]) & (c[..., 0] <= np.maximum(a[..., 0], b[..., 0]))
-                & (np.minimum(a[..., 1], b[..., 1]) <= c[..., 1]) & (c[..., 1] <= np.maximum(a[..., 1], b[..., 1])))
+        return (
+            (np.minimum(a[..., 0], b[..., 0]) <= c[..., 0])
+            & (c[..., 0] <= np.maximum(a[..., 0], b[..., 0]))
+            & (np.minimum(a[..., 1], b[..., 1]) <= c[..., 1])
+            & (c[..., 1] <= np.maximum(a[..., 1], b[..., 1]))
+        )
 
     index = np.arange(count)
     for first in range(0, count, 256):  # bounded memory for long outlines
-        i = index[first:first + 256, None]
+        i = index[first : first + 256, None]
         a, b = start[i[:, 0]][:, None, :], end[i[:, 0]][:, None, :]
         c, d = start[None, :, :], end[None, :, :]
         o1, o2, o3, o4 = orientation(a, b, c), orientation(a, b, d), orientation(c, d, a), orientation(c, d, b)

@@ -25,6 +25,8 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: floa
 class PartialLabelDiceCELoss(nn.Module):
     """Cross-entropy with a marginal term for unannotated lung, plus batch Dice for the lung and the opacity.
 
+    Not MONAI's DiceCELoss: it cannot count lung whose opacity was not annotated (label 3) as lung-or-opacity.
+
     Args:
         dice_weight: weight of the mean of the lung and opacity Dice losses added to the cross-entropy.
     """

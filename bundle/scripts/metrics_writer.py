@@ -56,7 +56,10 @@ def image_row(name: str, predicted: np.ndarray, labels: np.ndarray, source: str 
     """Metrics of one image (class maps of the same shape) as a flat row; ``source`` names the dataset it came from."""
     row = {"image": name, "source": source, "opacity_annotation": opacity_annotation(labels)}
     annotated = row["opacity_annotation"] != "not annotated"
-    pairs = {"lung": (predicted != BACKGROUND, labels != BACKGROUND), "opacity": (predicted == OPACITY, labels == OPACITY)}
+    pairs = {
+        "lung": (predicted != BACKGROUND, labels != BACKGROUND),
+        "opacity": (predicted == OPACITY, labels == OPACITY),
+    }
     for structure, (prediction, truth) in pairs.items():
         values = segmentation_metrics(prediction, truth) if structure == "lung" or annotated else {}
         row.update({f"{structure}_{metric}": values.get(metric, math.nan) for metric in METRICS})
@@ -73,7 +76,10 @@ def image_row(name: str, predicted: np.ndarray, labels: np.ndarray, source: str 
 
 
 class MetricsWriter:
-    """Collect :func:`image_row` for every image of an evaluator run and write the table and its summary."""
+    """Collect :func:`image_row` for every image of an evaluator run and write the table and its summary.
+
+    Not MONAI's MetricsSaver: it writes a file per metric, without per-source groups or severity comparisons.
+    """
 
     def __init__(self, output_dir: str, pred_key: str = "pred", label_key: str = "label", image_key: str = "image"):
         self.output_dir = output_dir
@@ -144,4 +150,6 @@ def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: "" if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()})
+            writer.writerow(
+                {key: "" if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()}
+            )

@@ -52,7 +52,10 @@ def limit_http_retries(defaults: Mapping[str, str] = HTTP_DEFAULTS) -> None:
 
 
 def timestamped_name(prefix: str, suffix: str = "") -> str:
-    """``<prefix>_YYYYmmdd_HHMMSS[_<suffix>]``, e.g. a default MLflow run name."""
+    """``<prefix>_YYYYmmdd_HHMMSS[_<suffix>]``, e.g. a default MLflow run name.
+
+    Custom: one name rule for every workflow's MLflow runs (MONAI names runs by time stamp without a prefix).
+    """
     name = f"{prefix}_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}"
     return f"{name}_{suffix}" if suffix else name
 
@@ -199,23 +202,31 @@ class _RunLogger:
             experiment = handler.experiment
             if experiment is not None and EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
                 # the MLflow 3 UI then shows the experiment as "machine learning" (charts) rather than GenAI (traces)
-                self.guard.call(handler.client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                self.guard.call(
+                    handler.client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
             self.on_run_started(handler)
 
     def on_run_started(self, handler: MLFlowHandler) -> None:
         """Log parameters and tags once per run; subclasses extend."""
 
     def log_params(self, params: Mapping) -> None:
-        """Log parameters not yet in the run (MLflow refuses to change a logged value: those are kept, with a warning)."""
+        """Log parameters not yet in the run (MLflow refuses to change a logged value: those keep theirs, warned)."""
         import mlflow.entities
 
         if self.run_id is None or not params:
             return
         client, run_id = self.mlflow.client, self.run_id
         logged = client.get_run(run_id).data.params
-        changed = {key: (logged[key], str(value)) for key, value in params.items() if key in logged and logged[key] != str(value)}
+        changed = {
+            key: (logged[key], str(value))
+            for key, value in params.items()
+            if key in logged and logged[key] != str(value)
+        }
         if changed:
-            logger.warning(f"MLflow run {run_id} keeps earlier values of parameters {changed} (logged value, new value)")
+            logger.warning(
+                f"MLflow run {run_id} keeps earlier values of parameters {changed} (logged value, new value)"
+            )
         new = [mlflow.entities.Param(key, str(value)[:6000]) for key, value in params.items() if key not in logged]
         for start in range(0, len(new), 100):
             client.log_batch(run_id, params=new[start : start + 100])
@@ -300,6 +311,9 @@ def _default_loss(output) -> float | None:
 class TrainingTracker(_RunLogger):
     """Trainer handler: parameters, tags, executed config, per-epoch loss and learning rate, checkpoint and log file.
 
+    Beside MONAI's MLFlowHandler (metrics only): parameters, datalist hash, config and files; a failing server is
+    logged, never fatal.
+
     Args:
         params: run parameters (values logged as strings), e.g. learning rate, batch size, image size.
         datalist: datalist file; its path and the sha256 of its content are logged as ``datalist``/``datalist_sha256``.
@@ -383,6 +397,8 @@ def _datalist_counts(datalist: str) -> dict:
 
 class ValidationTracker(_RunLogger):
     """Validator handler: best key metric and its epoch after each validation, and overlays every few epochs.
+
+    Beside MONAI's MLFlowHandler (metrics only): the best epoch and overlay images.
 
     Overlays (prediction left, label right: lung outline, opacity fill) of the first ``overlay_count`` validation
     images are written to ``<overlay_dir>/epoch_NNNN/`` and logged under ``overlays/epoch_NNNN`` at the first
@@ -471,6 +487,8 @@ def validation_overlay(item: Mapping, epoch: int, min_size: int = 256) -> tuple[
 class EvaluationTracker(_RunLogger):
     """Evaluator handler: parameters, tags, executed config, summary metrics and the result tables as artifacts.
 
+    Beside MONAI's MLFlowHandler (metrics only): parameters, config and tables, and a failing server never stops a run.
+
     Runs after the metrics and severity writers (put it after them in the handler list): when the evaluator
     completes it logs the mean and median of every figure of ``metrics_summary.json`` (``<figure>_mean``,
     ``<figure>_median``, ``images``) and the files in ``artifacts`` that exist.
@@ -482,7 +500,11 @@ class EvaluationTracker(_RunLogger):
         params: Mapping | None = None,
         datalist: str | None = None,
         artifacts: Sequence[str] = (
-            "metrics.csv", "metrics_summary.json", "severity.csv", "severity.json", "score_agreement.json"
+            "metrics.csv",
+            "metrics_summary.json",
+            "severity.csv",
+            "severity.json",
+            "score_agreement.json",
         ),
         tags: Mapping | None = None,
         bundle_root: str | None = None,

@@ -7,12 +7,13 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-
 LOSSLESS_LABEL_EXTENSIONS = (".png", ".nii.gz", ".nii", ".nrrd")
 
 
 class MonaiLabelMaskd(MapTransform):
     """Turn the (1, rows, columns) class map in ``keys`` into the 2D (columns, rows) uint8 array MONAI Label writes.
+
+    Custom: MONAI's Transposed and CastToTyped would do the shape, but not the lossless PNG for a JPEG radiograph.
 
     MONAI Label's writer transposes the array it is given before ITK saves it (PNG, NIfTI, NRRD), as MONAI's own
     readers load 2D images as (column, row); handing it the bundle's class map transposed makes the saved mask lie

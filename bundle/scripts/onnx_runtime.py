@@ -7,15 +7,14 @@ runs that session. Nothing is written to disk. :func:`export_onnx` writes the sa
 
 from __future__ import annotations
 
-import copy
-import functools
 import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from scripts.traceable_network import traceable_copy
 
 RUNTIMES = ("torch", "onnxruntime")
 OPSET = 17
@@ -37,27 +36,6 @@ def onnx_bytes(network: torch.nn.Module, shape: tuple[int, int, int]) -> bytes:
             dynamo=False,
         )  # fmt: skip
     return buffer.getvalue()
-
-
-def traceable_copy(network: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``network`` whose type-A ResNet shortcuts can be traced.
-
-    MONAI's ``ResNet._downsample_basic_block`` concatenates ``out.data`` with zeros; a tracer records ``.data`` as a
-    constant, so an exported model would give the right outputs for the example image only. The copy's shortcuts
-    compute the same values (strided average pooling, zero-padded channels) without ``.data``.
-    """
-    network = copy.deepcopy(network)
-    for module in network.modules():
-        shortcut = getattr(module, "downsample", None)
-        if isinstance(shortcut, functools.partial) and shortcut.func.__name__ == "_downsample_basic_block":
-            module.downsample = functools.partial(_zero_padded_shortcut, **shortcut.keywords)
-    return network
-
-
-def _zero_padded_shortcut(x: torch.Tensor, planes: int, stride: int, spatial_dims: int = 3) -> torch.Tensor:
-    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial_dims - 1]
-    out = pool(x, kernel_size=1, stride=stride)
-    return F.pad(out, (0, 0) * spatial_dims + (0, planes - out.shape[1]))
 
 
 def export_onnx(network: torch.nn.Module, path: str, shape: tuple[int, int, int] = (1, 224, 224)) -> str:
@@ -102,7 +80,10 @@ class OnnxRuntimeNetwork(torch.nn.Module):
 
 
 def for_runtime(network: torch.nn.Module, runtime: str) -> torch.nn.Module:
-    """``network`` itself for ``torch``, or wrapped in :class:`OnnxRuntimeNetwork` for ``onnxruntime``."""
+    """``network`` itself for ``torch``, or wrapped in :class:`OnnxRuntimeNetwork` for ``onnxruntime``.
+
+    Custom: MONAI runs networks on PyTorch only; ONNX Runtime is faster on CPUs with the same outputs (docs/speed.md).
+    """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     return network if runtime == "torch" else OnnxRuntimeNetwork(network)

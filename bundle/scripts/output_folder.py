@@ -37,7 +37,12 @@ LOCK = ".severity.lock"
 OUTPUT_KINDS = ("lung", "opacity", "overlay")  # <stem>_<kind>.png, the only files a run writes per input
 # settings that change the rows or the outputs of a file: a previous row is reused only when all of them match
 RESUME_SETTINGS = (
-    "bundle_version", "model_sha256", "image_size", "min_lung_fraction", "severity_rules", "write_overlays"
+    "bundle_version",
+    "model_sha256",
+    "image_size",
+    "min_lung_fraction",
+    "severity_rules",
+    "write_overlays",
 )
 # what severity.json holds per file beside its row
 DETAIL_KEYS = ("spacing_source", "input_size", "input_mtime_ns", "outputs")

@@ -232,7 +232,8 @@ def _read_dicom(path: str) -> Radiograph:
     if photometric.startswith("MONOCHROME"):
         array = _apply_voi(apply_modality_lut(array, dataset), dataset, warnings).astype(np.float32)
         inverse = (["MONOCHROME1"] if photometric == "MONOCHROME1" else []) + (
-            ["PresentationLUTShape INVERSE"] if presentation_shape == "INVERSE" else [])
+            ["PresentationLUTShape INVERSE"] if presentation_shape == "INVERSE" else []
+        )
         if inverse:  # low values are white: invert once to the MONOCHROME2 convention, whichever tag(s) say so
             array = float(array.max()) + float(array.min()) - array
             grey_levels = f"inverted ({' + '.join(inverse)})"
@@ -274,8 +275,9 @@ def _apply_voi(values: np.ndarray, dataset, warnings: list[str]) -> np.ndarray:
         window = "VOI LUT"
     else:
         window = f"window (centre {_first(dataset.WindowCenter):g}, width {_first(dataset.WindowWidth):g})"
-    warnings.append(f"stored VOI {window} clips {100 * clipped:.0f} % of the pixels; used the full stored range "
-                    "instead")
+    warnings.append(
+        f"stored VOI {window} clips {100 * clipped:.0f} % of the pixels; used the full stored range " "instead"
+    )
     return values
 
 
@@ -314,8 +316,10 @@ def _dicom_spacing(dataset, warnings: list[str]) -> tuple[tuple[float, float] | 
         spacing = (imager[0] / magnification, imager[1] / magnification)
         return spacing, f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {magnification:g}"
     repeated = " (PixelSpacing repeats it without PixelSpacingCalibrationType)" if pixel is not None else ""
-    warnings.append(f"ImagerPixelSpacing is at the detector{repeated} and no EstimatedRadiographicMagnificationFactor: "
-                    "areas in pixels only")
+    warnings.append(
+        f"ImagerPixelSpacing is at the detector{repeated} and no EstimatedRadiographicMagnificationFactor: "
+        "areas in pixels only"
+    )
     return None, ""
 
 
@@ -336,8 +340,11 @@ def _read_nifti(path: str) -> Radiograph:
     shape = tuple(int(size) for size in image.shape)
     refuse_oversized(path, shape[1] if len(shape) > 1 else 1, shape[0], int(np.prod(shape[2:], dtype=np.int64)))
     if len(shape) == 4 and shape[2] == 1 and shape[3] > 1:
-        raise RadiographError(path, f"NIfTI of shape {shape} holds {shape[3]} volumes or time points, not one 2D "
-                                    "radiograph (colour is read only from an RGB24/RGBA32 NIfTI)")
+        raise RadiographError(
+            path,
+            f"NIfTI of shape {shape} holds {shape[3]} volumes or time points, not one 2D "
+            "radiograph (colour is read only from an RGB24/RGBA32 NIfTI)",
+        )
     data = np.asarray(image.dataobj)
     if data.dtype.names:  # RGB24 / RGBA32: one structured voxel per pixel
         data = rgb_to_grey(np.stack([data[name] for name in data.dtype.names[:3]], axis=-1))

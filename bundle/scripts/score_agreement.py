@@ -84,6 +84,8 @@ def score_agreement(severity_rows: list[dict], scores: dict[str, dict[str, float
 class ScoreAgreementWriter:
     """Evaluator handler: ``score_agreement.json`` from this run's ``severity.csv`` and radiologists' scores.
 
+    Custom: MONAI has no handler that compares per-image scores with a table of radiologists' scores.
+
     Attach it after the :class:`scripts.severity_handler.SeverityWriter` (it reads the table that writer completes);
     it does nothing when ``scores_csv`` is None. Images without a score are left out; the file says how many matched.
     """

@@ -30,6 +30,7 @@ from scripts.inference_inputs import parse_flag
 from scripts.input_gate import InputRefusedError, assess_input
 from scripts.label_io import write_png
 from scripts.labels import BACKGROUND, OPACITY
+from scripts.lung_sides import split_lungs
 from scripts.output_folder import (
     INCOMPLETE_TABLE,
     OUTPUT_KINDS,
@@ -40,7 +41,6 @@ from scripts.output_folder import (
     remove_outputs,
     safe_name,
 )
-from scripts.lung_sides import split_lungs
 from scripts.overlay import draw_overlay
 from scripts.severity import NoLungFoundError, compute_severity
 from scripts.severity_calibration import file_sha256, load_calibration
@@ -97,6 +97,9 @@ class _Job:
 
 class SeverityWriter:
     """Write masks, overlays and the severity table of every image an evaluator processes.
+
+    Not MONAI's SaveImaged: each image's masks, overlay and table row are written together, atomically, named after
+    the input and resumable, on a background thread.
 
     The figures and files of each image are computed on a background thread while the network runs on the next
     batch; rows still reach the table in input order, and at most ``max_pending`` images wait at a time, so memory

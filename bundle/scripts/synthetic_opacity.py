@@ -21,6 +21,8 @@ from scripts.labels import BACKGROUND, OPACITY
 class RandSyntheticOpacityd(RandomizableTransform, MapTransform):
     """Paint a random opacity into the lungs of ``image_key`` and label it in ``label_key``.
 
+    Custom: MONAI has no transform that paints lesions.
+
     Args:
         keys: ``[image_key, label_key]``.
         prob: probability of painting an opacity.

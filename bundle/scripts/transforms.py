@@ -19,6 +19,9 @@ PLACEHOLDER_SHAPE = (32, 32)  # stands in for a file that could not be read
 class LoadRadiographd(MapTransform):
     """Load each key's file as a (1, rows, columns) float32 MetaTensor in viewer orientation.
 
+    Not MONAI's LoadImaged: its readers give 2D images as (column, row) and skip EXIF orientation, PresentationLUTShape,
+    clipping VOI windows, spacing at the patient and the input gate's DICOM tags.
+
     The meta data holds the file name, the original size (rows, columns), the pixel spacing at the patient in mm
     (row, column; NaN when not known, so that batches of mixed files still collate), and plain strings:
     ``spacing_source`` (the tag behind the spacing), ``warnings`` (the reader's warnings joined by "; "),
@@ -43,8 +46,11 @@ class LoadRadiographd(MapTransform):
             except Exception as error:  # noqa: BLE001 - every loader failure becomes this file's error row
                 if not self.record_errors:
                     raise
-                message = str(error) if isinstance(error, RadiographError) else (
-                    f"{source}: cannot load: {type(error).__name__}: {error}")
+                message = (
+                    str(error)
+                    if isinstance(error, RadiographError)
+                    else (f"{source}: cannot load: {type(error).__name__}: {error}")
+                )
                 d[key] = MetaTensor(torch.zeros(1, *PLACEHOLDER_SHAPE), meta=_meta(str(source), PLACEHOLDER_SHAPE))
                 d[key].meta["error"] = message
                 continue
@@ -74,6 +80,9 @@ def _meta(path: str, shape, radiograph: Radiograph | None = None) -> dict:
 class DisplayImaged(MapTransform):
     """Copy ``key`` (full resolution) to ``display_key`` as uint8, scaled by its 0.5-99.5 intensity percentiles.
 
+    Not CopyItemsd + ScaleIntensityRangePercentilesd + CastToTyped: the strided sample is 1.2x faster at 2000 x 2000
+    (scripts/benchmark_transforms.py), and the calibrated opacity-density rule was fitted on these values.
+
     The display copy feeds the overlay and the opacity-density estimate; percentiles come from a strided sample of
     about 256x256 pixels, so the cost stays small on large radiographs.
     """
@@ -87,14 +96,19 @@ class DisplayImaged(MapTransform):
         for key in self.key_iterator(d):
             pixels = d[key][0]
             stride = max(1, max(pixels.shape) // 256)
-            low, high = torch.quantile(pixels[::stride, ::stride].float().flatten(), torch.tensor([self.lower, self.upper]) / 100)
+            low, high = torch.quantile(
+                pixels[::stride, ::stride].float().flatten(), torch.tensor([self.lower, self.upper]) / 100
+            )
             scaled = ((pixels - low) / torch.clamp(high - low, min=1e-6)).clamp(0, 1)
             d[self.display_key] = torch.round(scaled * 255).to(torch.uint8)[None]
         return d
 
 
 class ResizeToOriginald(MapTransform):
-    """Resize network-size probabilities in ``keys`` back to the original (rows, columns) of ``reference_key``."""
+    """Resize network-size probabilities in ``keys`` back to the original (rows, columns) of ``reference_key``.
+
+    Not MONAI's Invertd: it undoes Resized with its forward mode ("area"), which enlarges in blocks; this is bilinear.
+    """
 
     def __init__(self, keys: KeysCollection, reference_key: str = "image", mode: str = "bilinear"):
         super().__init__(keys)
@@ -112,8 +126,8 @@ class ResizeToOriginald(MapTransform):
 class MostProbableClassd(MapTransform):
     """Replace (classes, H, W) probabilities in ``keys`` by the (1, H, W) index of the most probable class.
 
-    Gives what ``AsDiscreted(argmax=True)`` gives (the lowest index wins a tie) with one pass per class, which is
-    many times faster than ``torch.argmax`` over the channel axis of a large image on a CPU.
+    Not MONAI's AsDiscreted(argmax=True), which gives the same map (the lowest index wins a tie): one pass per class
+    is 6x faster at 2000 x 2000 on 2 CPU cores (scripts/benchmark_transforms.py).
     """
 
     def __call__(self, data):
@@ -131,7 +145,11 @@ class MostProbableClassd(MapTransform):
 
 
 class LoadLabelMapd(MapTransform):
-    """Load each key's label map as a (1, rows, columns) float32 MetaTensor with the bundle's label values."""
+    """Load each key's label map as a (1, rows, columns) float32 MetaTensor with the bundle's label values.
+
+    Not MONAI's LoadImaged: no one reader gives PNG and NIfTI label maps in LoadRadiographd's (rows, columns) order,
+    and errors here name the file.
+    """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -147,6 +165,8 @@ class LoadLabelMapd(MapTransform):
 
 class LungOpacityMasksd(MapTransform):
     """Turn a predicted class map and a label map into binary lung and opacity masks for the metrics.
+
+    Not MONAI's LabelToMaskd: it cannot empty the opacity mask of lungs whose opacity was not annotated (label 3).
 
     Writes ``<key>_lung`` and ``<key>_opacity`` (1, H, W) tensors. Lung without opacity annotation (label 3) gives
     an empty opacity mask, which MONAI's Dice ignores (``ignore_empty``), so it never counts as "no opacity".

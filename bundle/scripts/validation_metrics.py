@@ -8,13 +8,15 @@ Per image, from the predicted class map and the label map (values of :mod:`scrip
 * ``selection_score``: the mean of the available terms ``reference_lung_dice``, ``opacity_dice`` and
   ``1 - clear_lung_false_opacity`` (each the mean over its images), higher is better.
 
-A figure without any image to measure it is NaN (the selection score leaves it out).
+A figure without any image to measure it is NaN (the selection score leaves it out). MONAI's metrics have no
+partial-label rule (label 3) nor clear-lung false opacity, hence this metric.
 """
 
 from __future__ import annotations
 
 import math
 
+import ignite.distributed as idist
 import torch
 from ignite.metrics import Metric
 
@@ -66,7 +68,13 @@ class LungOpacityFigure(Metric):
                 self._values[name].append(value)
 
     def compute(self) -> float:
-        means = {name: sum(values) / len(values) if values else math.nan for name, values in self._values.items()}
+        """The figure over every image seen, by every process of a distributed run (sums and counts are reduced)."""
+        names = FIGURES[:-1]
+        totals = torch.tensor(
+            [[sum(self._values[name]), len(self._values[name])] for name in names], dtype=torch.float64
+        )
+        totals = idist.all_reduce(totals)
+        means = {name: float(total / count) if count else math.nan for name, (total, count) in zip(names, totals)}
         if self.figure != "selection_score":
             return means[self.figure]
         terms = [means["reference_lung_dice"], means["opacity_dice"], 1.0 - means["clear_lung_false_opacity"]]
