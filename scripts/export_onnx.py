@@ -26,14 +26,13 @@ from ship_model import state_dict_of  # noqa: E402
 
 from scripts.onnx_runtime import export_onnx  # noqa: E402
 
-# the inference workflow's config files, merged in this order (common.yaml where the bundle has one)
+# the inference workflow's config files, merged in this order
 INFERENCE_CONFIGS = ("common.yaml", "inference.yaml")
 
 
 def inference_config_files() -> list[str]:
-    """The bundle's inference config files that exist, in merge order."""
-    paths = [os.path.join(BUNDLE, "configs", name) for name in INFERENCE_CONFIGS]
-    return [path for path in paths if os.path.isfile(path)]
+    """The bundle's inference config files, in merge order."""
+    return [os.path.join(BUNDLE, "configs", name) for name in INFERENCE_CONFIGS]
 
 
 def network_from_config(config_files: list[str]) -> torch.nn.Module:

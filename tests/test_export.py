@@ -16,11 +16,6 @@ from conftest import BUNDLE, config_files, run_bundle
 
 SHIPPED_WEIGHTS = BUNDLE / "models" / "model.pt"
 SAMPLE_RADIOGRAPH = BUNDLE / "docs" / "samples" / "7afaaccc.jpg"
-TRACEABLE_NETWORK_DEF = """\
-traceable_network_def:
-  _target_: scripts.traceable_network.traceable_copy
-  network: '@network_def'
-"""
 TOLERANCE = 1e-3  # max abs logit difference
 
 
@@ -59,9 +54,6 @@ def pytorch_logits(images) -> np.ndarray:
 def test_ckpt_export_writes_a_torchscript_model_with_the_pytorch_outputs(images, pytorch_logits, tmp_path, monkeypatch):
     """``ckpt_export --net_id traceable_network_def`` scripts the network; its logits equal PyTorch's."""
     configs = inference_config_paths()
-    if "traceable_network_def" not in inference_parser():  # until common.yaml defines it
-        (tmp_path / "traceable_network.yaml").write_text(TRACEABLE_NETWORK_DEF)
-        configs.append(str(tmp_path / "traceable_network.yaml"))
     # ckpt_export, unlike `run`, does not put the bundle folder on sys.path: from the repository root it must be there
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(BUNDLE), os.environ.get("PYTHONPATH")])))
     result = run_bundle(

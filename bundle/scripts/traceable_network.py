@@ -37,7 +37,8 @@ class ZeroPaddedShortcut(torch.nn.Module):
 
 def traceable_copy(network: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``network`` (same weights, same outputs) whose type-A ResNet shortcuts are
-    :class:`ZeroPaddedShortcut` modules; ``network`` itself is left unchanged. Config use (``ckpt_export --net_id``)::
+    :class:`ZeroPaddedShortcut` modules; ``network`` itself is left unchanged. Custom: MONAI has no scriptable form of
+    that shortcut. Config use (``ckpt_export --net_id``)::
 
         traceable_network_def: {_target_: scripts.traceable_network.traceable_copy, network: '@network_def'}
     """

@@ -8,8 +8,7 @@ Per image, from the predicted class map and the label map (values of :mod:`scrip
 * ``selection_score``: the mean of the available terms ``reference_lung_dice``, ``opacity_dice`` and
   ``1 - clear_lung_false_opacity`` (each the mean over its images), higher is better.
 
-A figure without any image to measure it is NaN (the selection score leaves it out). MONAI's metrics have no
-partial-label rule (label 3) nor clear-lung false opacity, hence this metric.
+A figure without any image to measure it is NaN (the selection score leaves it out).
 """
 
 from __future__ import annotations
@@ -47,6 +46,8 @@ def _dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
 
 class LungOpacityFigure(Metric):
     """One of :data:`FIGURES` over a validation run, as an ignite metric.
+
+    Not MONAI's MeanDice: it has no partial-label rule (label 3) and no clear-lung false opacity.
 
     Feed it ``(predicted class maps, label maps)``, e.g. ``output_transform=from_engine(['pred', 'label'])`` after an
     argmax post-transform.
