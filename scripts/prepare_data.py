@@ -27,6 +27,9 @@ annotation; labels/<source>/<stem>.png for --mask-source rows), images/ for Labe
 "source"; --repeat-labelme lists the few opacity-annotated training images several times) and
 preparation_report.json. Input files are only read. Bad files are reported by name and skipped.
 
+Progress (files read, written and refused so far) is a bar on a terminal, else a line at least every tenth of the
+files or 30 s; --progress false turns it off.
+
 Example:
   python scripts/prepare_data.py --images ../shared/data/cohen-cxr/images \
       --masks ../shared/data/cohen-cxr/lung_masks --extra-masks ../shared/data/cohen-cxr/lung_masks_lungvae \
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -50,6 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from scripts.label_io import atomic_write, read_label_map, write_json, write_png  # noqa: E402
 from scripts.labelme import annotated_image_path, read_labelme  # noqa: E402
 from scripts.labels import BACKGROUND, CLEAR_LUNG, LUNG_UNANNOTATED, OPACITY  # noqa: E402
+from scripts.progress import Progress, progress_wanted  # noqa: E402
 from scripts.radiograph_io import (  # noqa: E402
     SUPPORTED_EXTENSIONS,
     RadiographError,
@@ -117,7 +122,14 @@ def parse_args(argv=None):
         default=1,
         help="list each training image with LabelMe opacity annotation this many times (oversampling the few)",
     )
+    parser.add_argument(
+        "--progress", default="true", help="true (default) or false: show the progress of reading and writing files"
+    )
     args = parser.parse_args(argv)
+    try:
+        args.progress = progress_wanted(args.progress)
+    except ValueError as error:
+        parser.error(str(error))
     if args.repeat_labelme < 1:
         parser.error("--repeat-labelme must be at least 1")
     names = [source["name"] for source in args.mask_source]
@@ -239,6 +251,18 @@ def save_embedded_image(annotation, output: str, stem: str) -> str:
     return path
 
 
+def progress(args, what: str, total: int, report: dict | None = None) -> Progress:
+    """The progress of reading (with the files refused so far, from ``report``) or writing ``total`` files."""
+    refused = (lambda: f"{len(report['skipped'])} refused") if report is not None else None
+    return Progress(
+        f"prepare_data: {what}", total, "files", refused, args.progress, functools.partial(print, flush=True)
+    )
+
+
+def count_json_files(folder: str | None) -> int:
+    return sum(name.lower().endswith(".json") for name in os.listdir(folder)) if folder else 0
+
+
 def labelme_image_stem(json_path: str) -> str:
     """Stem of the image a LabelMe file annotates: its imagePath's when that file exists, else the JSON file's."""
     try:
@@ -281,9 +305,34 @@ def collect_samples(args, report: dict) -> list[dict]:
     for folder in reversed(args.extra_masks):  # the first folder given wins
         extra_masks.update(list_masks(folder))
     clear = clear_stems(args)
-    samples: dict[str, dict] = {}
+    json_files = count_json_files(args.labelme)
+    with progress(args, "reading", json_files + len(images), report) as reading:
+        samples = read_labelme_samples(args, report, images, masks, reading)
+        reading.advance(json_files - reading.done)  # the LabelMe files refused without being read
+        for stem, image_path in images.items():
+            reading.advance()
+            if stem in samples:
+                continue
+            mask_path, source = (masks[stem], "mask") if stem in masks else (extra_masks.get(stem), "extra_mask")
+            if mask_path is None:
+                report["unlabelled"].append(image_path)
+                continue
+            try:
+                shape = read_radiograph(image_path).pixels.shape
+                labels = lung_mask_label_map(mask_path, shape)
+                if stem in clear:  # a finding without opacity: the whole lung is annotated as clear
+                    labels[labels == LUNG_UNANNOTATED] = CLEAR_LUNG
+                samples[stem] = {"image": image_path, "labels": labels, "source": source}
+            except RadiographError as error:
+                report["skipped"].append({"file": error.path, "reason": error.problem})
+    return [dict(stem=stem, **sample) for stem, sample in samples.items()]
 
+
+def read_labelme_samples(args, report: dict, images: dict, masks: dict, reading: Progress) -> dict[str, dict]:
+    """The sample of every usable LabelMe file, by image stem (``reading`` advances per file read)."""
+    samples: dict[str, dict] = {}
     for stem, annotation in read_labelme_folder(args.labelme, report):
+        reading.advance()
         json_path = annotation.json_path
         try:
             image_path = annotation.image_path or images.get(stem)
@@ -297,23 +346,7 @@ def collect_samples(args, report: dict) -> list[dict]:
                 samples[stem]["lung_mask"] = masks[stem]
         except RadiographError as error:
             report["skipped"].append({"file": error.path, "reason": error.problem})
-
-    for stem, image_path in images.items():
-        if stem in samples:
-            continue
-        mask_path, source = (masks[stem], "mask") if stem in masks else (extra_masks.get(stem), "extra_mask")
-        if mask_path is None:
-            report["unlabelled"].append(image_path)
-            continue
-        try:
-            shape = read_radiograph(image_path).pixels.shape
-            labels = lung_mask_label_map(mask_path, shape)
-            if stem in clear:  # a finding without opacity: the whole lung is annotated as clear
-                labels[labels == LUNG_UNANNOTATED] = CLEAR_LUNG
-            samples[stem] = {"image": image_path, "labels": labels, "source": source}
-        except RadiographError as error:
-            report["skipped"].append({"file": error.path, "reason": error.problem})
-    return [dict(stem=stem, **sample) for stem, sample in samples.items()]
+    return samples
 
 
 def read_published_split(source: dict) -> dict[str, str]:
@@ -328,7 +361,7 @@ def read_published_split(source: dict) -> dict[str, str]:
     return {file_stem(row[source["image_column"]]): row[source["split_column"]].strip().lower() for row in rows}
 
 
-def collect_mask_source(source: dict, report: dict) -> list[dict]:
+def collect_mask_source(source: dict, report: dict, reading: Progress) -> list[dict]:
     """One sample per image of a mask-folder source; images without a lung (or opacity) mask are reported."""
     images = list_images(source["images"])
     lungs = list_masks(source["lungs"])
@@ -338,6 +371,7 @@ def collect_mask_source(source: dict, report: dict) -> list[dict]:
     annotated = "opacity" in source
     samples = []
     for stem, image_path in images.items():
+        reading.advance()
         if stem not in lungs:
             report["unlabelled"].append(image_path)
             continue
@@ -390,8 +424,10 @@ def prepare_mask_sources(args, output: str, report: dict) -> dict[str, list[dict
     """Label maps of every --mask-source written under ``output/labels/<source>/``; their datalist rows by section."""
     sections = {"training": [], "validation": [], "test": []}
     for source in args.mask_source:
-        samples = collect_mask_source(source, report)
+        with progress(args, f"reading {source['name']}", len(list_images(source["images"])), report) as reading:
+            samples = collect_mask_source(source, report, reading)
         training, validation, test = split_mask_source(samples, args)
+        writing = progress(args, f"writing {source['name']} label maps", len(samples))
         for section, rows in zip(sections, (training, validation, test)):
             for sample in rows:
                 labels = sample.pop("labels")
@@ -405,6 +441,8 @@ def prepare_mask_sources(args, output: str, report: dict) -> dict[str, list[dict
                 sample["label"] = os.path.join("labels", source["name"], sample["stem"] + ".png")
                 write_png(os.path.join(output, sample["label"]), labels)
                 sections[section].append(sample)
+                writing.advance()
+        writing.close()
         report["sources"][source["name"]] = {
             "training": len(training), "validation": len(validation), "test": len(test),
             "opacity_annotated": "opacity" in source,
@@ -483,8 +521,10 @@ def main(argv=None) -> int:
                 label_maps[sample["stem"]] = lungs_from_mask(label_maps[sample["stem"]], lung_masks[sample["stem"]])
             except RadiographError as error:
                 report["skipped"].append({"file": error.path, "reason": f"{error.problem}; the LabelMe lungs are used"})
-    for stem, labels in label_maps.items():
-        write_png(os.path.join(output, "labels", stem + ".png"), labels)
+    with progress(args, "writing label maps", len(label_maps)) as writing:
+        for stem, labels in label_maps.items():
+            write_png(os.path.join(output, "labels", stem + ".png"), labels)
+            writing.advance()
     training = oversample_labelme(training, args.repeat_labelme)
     from_sources = prepare_mask_sources(args, output, report)
     datalist = {

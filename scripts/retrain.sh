@@ -37,7 +37,33 @@ STAGE2_PREPARE_ARGS=("${PREPARE_ARGS[@]}" --extra-masks "$COHEN/lung_masks_lungv
     --clear-finding "No Finding" --split-from data/base/datalist.json --labelme-lungs-from-masks --opacity-folds 2
     --repeat-labelme 6)
 
-stage() { echo "== retrain: $* ($(date +%H:%M:%S))"; }
+# each stage prints its start, and its end with the time it took; the end of the script prints the total (or where
+# it stopped); the commands of a stage show their own progress
+RETRAIN_START=$(date +%s)
+STAGE_NAME=""
+STAGE_START=$RETRAIN_START
+elapsed() {  # h:mm:ss since the epoch second $1
+    local seconds=$(($(date +%s) - $1))
+    printf '%d:%02d:%02d' $((seconds / 3600)) $((seconds % 3600 / 60)) $((seconds % 60))
+}
+stage_done() {
+    if [ -n "$STAGE_NAME" ]; then
+        echo "== retrain: finished $STAGE_NAME in $(elapsed "$STAGE_START") ($(date +%H:%M:%S))"
+    fi
+    STAGE_NAME=""
+}
+stage() { stage_done; STAGE_NAME=$*; STAGE_START=$(date +%s); echo "== retrain: $* ($(date +%H:%M:%S))"; }
+finish() {
+    local status=$?
+    if [ "$status" -eq 0 ]; then
+        stage_done
+        echo "== retrain: all stages done in $(elapsed "$RETRAIN_START")"
+    else
+        echo "== retrain: stopped (exit $status) in ${STAGE_NAME:-the set-up} after $(elapsed "$STAGE_START");" \
+            "run again to go on"
+    fi
+}
+trap finish EXIT
 
 # lung_fields MODEL IMAGES OUTPUT: the model's lung masks of a folder of radiographs, as OUTPUT/<stem>.png
 lung_fields() {

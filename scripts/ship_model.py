@@ -2,8 +2,11 @@
 """Store a trained checkpoint as the bundle's shipped weights: a plain state dict, fp16 by default, written atomically.
 When the output is listed in its bundle's ``large_files.yml``, its hash there is updated.
 
-Example:
+Examples:
   python scripts/ship_model.py --checkpoint runs/cxr/model.pt --output bundle/models/model.pt
+  python scripts/ship_model.py --checkpoint models:/cxr_lung_opacity/3 --tracking-uri sqlite:///bundle/runs/mlruns.db
+The second takes a version of the MLflow registered model a training run logged and tags that version with the
+sha256 of the shipped file, so evaluate runs of the shipped weights name the training run behind them.
 """
 
 from __future__ import annotations
@@ -48,16 +51,30 @@ def update_large_file_hash(weights_file: str) -> str | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint_epoch=N.pt written by training")
+    parser.add_argument(
+        "--checkpoint", required=True,
+        help="model.pt or checkpoint_epoch=N.pt written by training, or a registered model version models:/<name>/<v>",
+    )  # fmt: skip
+    parser.add_argument("--tracking-uri", help="MLflow store of a models:/ checkpoint (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--output", default="bundle/models/model.pt")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights instead of float16")
     args = parser.parse_args(argv)
-    weights = state_dict_of(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    registered = args.checkpoint.startswith("models:/")
+    if registered:
+        from scripts.mlflow_model import registered_weights
+
+        weights = registered_weights(args.checkpoint, args.tracking_uri)
+    else:
+        weights = state_dict_of(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     if not args.fp32:
         weights = {key: value.half() if value.is_floating_point() else value for key, value in weights.items()}
     atomic_write(args.output, lambda path: torch.save(weights, path))
     size_mb = os.path.getsize(args.output) / 2**20
     print(f"wrote {len(weights)} tensors ({'fp32' if args.fp32 else 'fp16'}, {size_mb:.1f} MB) to {args.output}")
+    if registered:
+        from scripts.mlflow_model import tag_shipped_weights
+
+        tag_shipped_weights(args.checkpoint, args.output, args.tracking_uri)
     listing = update_large_file_hash(args.output)
     if listing:
         print(f"updated the hash of {args.output} in {listing}")

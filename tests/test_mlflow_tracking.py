@@ -339,3 +339,81 @@ def test_training_goes_on_when_the_server_dies(mlflow_server, tiny_dataset, tmp_
     assert (tmp_path / "run" / f"checkpoint_epoch={epochs}.pt").is_file()
     assert (tmp_path / "run" / "model_final.pt").is_file()
     assert time.monotonic() - started < WORKFLOW_TIMEOUT
+
+
+def local_store(training_output: Path) -> str:
+    return f"sqlite:///{training_output / 'mlruns.db'}"
+
+
+def test_training_registers_a_model_that_predicts_like_the_bundle(local_training, tiny_dataset):
+    """The chosen checkpoint is an MLflow Model in the registry; pyfunc gives the bundle's class probabilities."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    client = MlflowClient(tracking_uri=local_store(local_training))
+    versions = client.search_model_versions("name = 'cxr_lung_opacity'")
+    assert len(versions) == 1
+    version = versions[0]
+    run = client.get_run(version.run_id)
+    assert run.data.tags["registered_model"] == f"cxr_lung_opacity/{version.version}"
+    assert version.tags["weights_sha256"] == hashlib.sha256((local_training / "model.pt").read_bytes()).hexdigest()
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("common.yaml", "inference.yaml")])
+    parser.update({"image_size": [PHANTOM_IMAGE_SIZE, PHANTOM_IMAGE_SIZE]})
+    loading = [parser.get_parsed_content("load_radiograph"), *parser.get_parsed_content("network_input")]
+    image = {"image": str(tiny_dataset / "images" / "p4.png")}
+    for transform in loading:
+        image = transform(image)
+    batch = np.asarray(image["image"], dtype=np.float32)[None]
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(local_training / "model.pt", map_location="cpu", weights_only=True))
+    with torch.no_grad():
+        expected = torch.softmax(network.eval()(torch.from_numpy(batch)), dim=1).numpy()
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(local_store(local_training))
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/cxr_lung_opacity/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    predicted = model.predict(batch)
+    assert predicted.shape == (1, 3, PHANTOM_IMAGE_SIZE, PHANTOM_IMAGE_SIZE)
+    assert np.abs(predicted - expected).max() < 1e-5
+
+
+def test_evaluate_names_the_training_run_of_its_weights(local_training, tiny_dataset, tmp_path):
+    output = tmp_path / "evaluate"
+    arguments = [
+        "run", "--config_file", config_files("evaluate"), "--dataset_dir", str(tiny_dataset),
+        "--output_dir", str(output), "--ckpt_path", str(local_training / "model.pt"),
+        "--image_size", f"[{PHANTOM_IMAGE_SIZE},{PHANTOM_IMAGE_SIZE}]", "--initialize#0", "$torch.set_num_threads(1)",
+        "--tracking", "mlflow",
+    ]  # fmt: skip
+    code, log = run_workflow(arguments, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": local_store(local_training)})
+    assert code == 0, log[-4000:]
+    client = MlflowClient(tracking_uri=local_store(local_training))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = {run.info.run_name.split("_")[0]: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"train", "evaluate"}
+    tags = runs["evaluate"].data.tags
+    assert tags["training_run_id"] == runs["train"].info.run_id
+    assert tags["registered_model"] == runs["train"].data.tags["registered_model"]
+
+
+def test_shipping_a_registered_version_writes_its_weights_and_tags_it(local_training, tmp_path):
+    import torch
+    from ship_model import main as ship_model
+
+    store = local_store(local_training)
+    client = MlflowClient(tracking_uri=store)
+    (version,) = client.search_model_versions("name = 'cxr_lung_opacity'")
+    shipped = tmp_path / "models" / "model.pt"
+    uri = f"models:/cxr_lung_opacity/{version.version}"
+    assert ship_model(["--checkpoint", uri, "--tracking-uri", store, "--output", str(shipped), "--fp32"]) == 0
+    trained = torch.load(local_training / "model.pt", map_location="cpu", weights_only=True)  # a plain state dict
+    written = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert sorted(written) == sorted(trained)
+    assert all(torch.equal(written[key], trained[key]) for key in trained)
+    tags = client.get_model_version("cxr_lung_opacity", version.version).tags
+    assert tags["shipped_weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()

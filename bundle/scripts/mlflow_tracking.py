@@ -322,6 +322,9 @@ class TrainingTracker(_RunLogger):
         tags: run tags, e.g. the bundle version; the git commit of ``bundle_root`` is added when available.
         loss_transform: ``engine.state.output`` to the iteration's loss (default: ``output[0]["loss"]``).
         cooldown: seconds tracking calls are skipped after a failure (doubling while failures repeat).
+        registered_model: when training completes, ``{"name": ..., "network": <a new network_def instance>,
+            "weights": <the chosen checkpoint>, "image_size": [...], "num_classes": n}`` is logged as the run's MLflow
+            Model and registered under ``name`` (:mod:`scripts.mlflow_model`); None: no model is logged.
     """
 
     def __init__(
@@ -334,8 +337,10 @@ class TrainingTracker(_RunLogger):
         bundle_root: str | None = None,
         loss_transform: Callable | None = None,
         cooldown: float = 60.0,
+        registered_model: Mapping | None = None,
     ):
         super().__init__(tags, bundle_root, cooldown)
+        self.registered_model = dict(registered_model) if registered_model else None
         self.params = dict(params or {})
         self.datalist = datalist
         self.artifacts = {folder: list(paths) for folder, paths in (artifacts or {}).items()}
@@ -384,6 +389,19 @@ class TrainingTracker(_RunLogger):
             for path in paths:
                 if path and os.path.isfile(path):
                     self.guarded(self.log_artifact, path, folder)
+        if self.registered_model and os.path.isfile(self.registered_model["weights"]):
+            self.guarded(self.register_model)
+
+    def register_model(self) -> None:
+        """Log the chosen checkpoint as the run's MLflow Model, register it and tag the run with its version."""
+        from scripts.mlflow_model import log_registered_model
+
+        model = self.registered_model
+        version = log_registered_model(
+            self.mlflow.client.tracking_uri, self.run_id, model["network"], model["weights"], model["image_size"],
+            model["num_classes"], model["name"],
+        )  # fmt: skip
+        self.log_tags({"registered_model": f"{version.name}/{version.version}"})
 
 
 def _datalist_counts(datalist: str) -> dict:
@@ -491,7 +509,9 @@ class EvaluationTracker(_RunLogger):
 
     Runs after the metrics and severity writers (put it after them in the handler list): when the evaluator
     completes it logs the mean and median of every figure of ``metrics_summary.json`` (``<figure>_mean``,
-    ``<figure>_median``, ``images``) and the files in ``artifacts`` that exist.
+    ``<figure>_median``, ``images``) and the files in ``artifacts`` that exist. With ``weights_file`` the run is
+    tagged with its sha256 and, when a registered model version holds those weights, with that version and the
+    training run that logged it (``registered_model``, ``training_run_id``).
     """
 
     def __init__(
@@ -509,8 +529,10 @@ class EvaluationTracker(_RunLogger):
         tags: Mapping | None = None,
         bundle_root: str | None = None,
         cooldown: float = 60.0,
+        weights_file: str | None = None,
     ):
         super().__init__(tags, bundle_root, cooldown)
+        self.weights_file = weights_file
         self.output_dir = output_dir
         self.params = dict(params or {})
         self.datalist = datalist
@@ -526,6 +548,18 @@ class EvaluationTracker(_RunLogger):
 
     def on_run_started(self, handler: MLFlowHandler) -> None:
         self.log_run_details(self.params)
+        if self.weights_file and os.path.isfile(self.weights_file):
+            self.guard.call(self.log_tags, self.lineage_tags(handler.client))
+
+    def lineage_tags(self, client) -> dict:
+        """The sha256 of the evaluated weights and, when registered, their model version and training run."""
+        from scripts.mlflow_model import model_version_of
+
+        tags = {"weights_sha256": file_sha256(self.weights_file)}
+        version = model_version_of(client, self.weights_file)
+        if version is not None:
+            tags.update(registered_model=f"{version.name}/{version.version}", training_run_id=version.run_id)
+        return tags
 
     def completed(self, engine) -> None:
         if self.mlflow is None:

@@ -42,6 +42,7 @@ from scripts.output_folder import (
     safe_name,
 )
 from scripts.overlay import draw_overlay
+from scripts.progress import format_duration
 from scripts.severity import NoLungFoundError, compute_severity
 from scripts.severity_calibration import file_sha256, load_calibration
 
@@ -158,8 +159,11 @@ class SeverityWriter:
         self.pred_key, self.image_key, self.display_key = pred_key, image_key, display_key
         self.logger = logging.getLogger(self.__class__.__name__)
         self.folder = OutputFolder(output_dir, self.settings, CSV_COLUMNS, write_images)
+        self._created = time.monotonic()  # the run's wall time counts from its plan
+        self.error_rows = 0  # error rows recorded by this run so far (progress lines)
         if inputs is not None:
             self._open_folder(list(inputs), parse_flag(resume, "resume"))
+        self.resumed_rows = len(self.rows)  # rows kept from the previous run
         self._pending: collections.deque = collections.deque()
         self._executor = None
         self._started = False
@@ -268,6 +272,7 @@ class SeverityWriter:
         file.row, file.details = row, details
         self._unflushed += 1
         if row["status"] == "error":
+            self.error_rows += 1
             self.logger.warning(row["message"])
         return row
 
@@ -324,13 +329,22 @@ class SeverityWriter:
         self.folder.close()
         rows = self.rows
         succeeded = sum(row["status"] == "ok" for row in rows)
-        self.logger.info(f"severity of {succeeded} of {len(rows)} files written to {self.folder.path(TABLE)}")
+        self.logger.info(self.summary(len(rows), succeeded))
         if missing:
             raise RuntimeError(
                 f"{len(missing)} of {len(rows)} input files were not processed (their rows say so); run again"
             )
         if self.fail_if_none_ok and succeeded == 0:
             raise RuntimeError(f"none of the {len(rows)} input files could be processed; see the messages above")
+
+    def summary(self, files: int, succeeded: int) -> str:
+        """The run's last line: files (computed, kept from the previous run), ok and error rows, wall time, table."""
+        kept = f" ({files - self.resumed_rows} computed, {self.resumed_rows} kept from the previous run)"
+        return (
+            f"finished: {files} files{kept if self.resumed_rows else ''}, {succeeded} ok rows, "
+            f"{files - succeeded} error rows, wall time {format_duration(time.monotonic() - self._created)}; "
+            f"table: {self.folder.path(TABLE)}"
+        )
 
     def terminated(self, engine=None) -> None:
         """The run was stopped (Ctrl-C, SIGTERM): leave the table of the files done, marked incomplete."""
