@@ -148,12 +148,16 @@ def tiny_dataset(tmp_path_factory):
     return root
 
 
-def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOUT) -> tuple[int, str]:
-    """Run ``python -m monai.bundle ...``; ``on_line(line)`` sees each output line as it comes."""
+def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOUT, bundle_root=None) -> tuple[int, str]:
+    """Run ``python -m monai.bundle ...``; ``on_line(line)`` sees each output line as it comes. ``bundle_root``
+    replaces the bundle's folder as the config's ``bundle_root`` (where the default MLflow store lies)."""
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     environment.update(env or {})
+    command = bundle_command(*arguments)
+    if bundle_root is not None:
+        command[command.index("--bundle_root") + 1] = str(bundle_root)
     process = subprocess.Popen(
-        bundle_command(*arguments),
+        command,
         cwd=cwd,
         env=environment,
         stdout=subprocess.PIPE,
@@ -180,12 +184,12 @@ def run_workflow(arguments, cwd, env=None, on_line=None, timeout=WORKFLOW_TIMEOU
     return process.returncode, "".join(lines)
 
 
-def train(dataset: Path, output: Path, epochs: int, *extra: str, on_line=None) -> tuple[int, str]:
+def train(dataset: Path, output: Path, epochs: int, *extra: str, on_line=None, bundle_root=None) -> tuple[int, str]:
     arguments = [
         "run", "training", "--config_file", config_files("training"), "--dataset_dir", str(dataset),
         "--output_dir", str(output), "--num_epochs", str(epochs), *TINY, "--tracking", "mlflow", *extra,
     ]  # fmt: skip
-    return run_workflow(arguments, cwd=output.parent, on_line=on_line)
+    return run_workflow(arguments, cwd=output.parent, on_line=on_line, bundle_root=bundle_root)
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
@@ -206,9 +210,11 @@ def only_run(client: MlflowClient, run_name: str):
 
 @pytest.fixture(scope="module")
 def local_training(tiny_dataset, tmp_path_factory):
-    """A 2-epoch training tracked to the default store (no URI given): returns its output folder."""
-    output = tmp_path_factory.mktemp("local_store") / "run"
-    code, log = train(tiny_dataset, output, 2)
+    """A 2-epoch training tracked to the default store (no URI given) of a bundle root of its own (so that the
+    repository's store is left alone): returns its output folder, whose parent is that bundle root."""
+    bundle_root = tmp_path_factory.mktemp("local_store")
+    output = bundle_root / "run"
+    code, log = train(tiny_dataset, output, 2, bundle_root=bundle_root)
     assert code == 0, log[-4000:]
     return output
 
@@ -236,7 +242,7 @@ def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
         "synthetic_opacity_prob": config["synthetic_opacity_prob"], "rand_prob": config["rand_prob"],
         "encoder": config["network_def"]["backbone"], "network": config["network_def"]["_target_"],
         "loss": config["loss"]["_target_"], "weight_decay": config["optimizer"]["weight_decay"],
-        "batch_size": BATCH_SIZE, "num_epochs": epochs, "val_interval": 1,
+        "batch_size": BATCH_SIZE, "max_epochs": epochs, "val_interval": 1,
         "image_size": [PHANTOM_IMAGE_SIZE, PHANTOM_IMAGE_SIZE],
         "datalist": str(tiny_dataset / "datalist.json"),
         "datalist_sha256": hashlib.sha256((tiny_dataset / "datalist.json").read_bytes()).hexdigest(),
@@ -244,10 +250,11 @@ def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
     }  # fmt: skip
     assert {key: params.get(key) for key in expected} == {key: str(value) for key, value in expected.items()}
 
-    loss = client.get_metric_history(run.info.run_id, "train_loss")
-    assert sorted(point.step for point in loss) == list(range(1, epochs * ITERATIONS_PER_EPOCH + 1))
+    for name in ("train_loss", "lr_group_0"):  # per iteration (MONAI's handler)
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(point.step for point in history) == list(range(1, epochs * ITERATIONS_PER_EPOCH + 1)), name
     validation_figures = ("val_lung_dice", "val_opacity_dice", "val_selection_score", "best_val_selection_score")
-    for name in ("train_loss_epoch", "learning_rate", *validation_figures):
+    for name in ("train_loss_epoch", *validation_figures):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(point.step for point in history) == list(range(1, epochs + 1)), name
     assert run.data.metrics["best_epoch"] in range(1, epochs + 1)
@@ -268,22 +275,28 @@ def test_training_is_tracked_on_a_server(mlflow_server, tiny_dataset, tmp_path):
     assert not (tmp_path / "run" / "mlruns.db").exists()  # the server got everything
 
 
-def test_default_store_is_sqlite_in_the_output_folder(local_training):
-    database = local_training / "mlruns.db"
-    assert database.is_file()
+def test_default_store_is_one_sqlite_database_for_every_run(local_training, tiny_dataset):
+    """Without a URI, runs land in <bundle_root>/runs/mlruns.db (artifacts beside it): a second run joins the first."""
+    bundle_root = local_training.parent
+    # another seed: its weights differ from the first run's (the registry tests find versions by weights)
+    code, log = train(tiny_dataset, bundle_root / "second_run", 1, "--seed", "1", bundle_root=bundle_root)
+    assert code == 0, log[-4000:]
+    database = bundle_root / "runs" / "mlruns.db"
+    assert database.is_file() and not (local_training / "mlruns.db").exists()
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{database}")
     try:
         runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
     finally:
         mlflow.set_tracking_uri(previous)
-    assert len(runs) == 1
-    run = runs[0]
-    assert re.fullmatch(r"train_\d{8}_\d{6}", run.info.run_name), run.info.run_name
-    assert {"train_loss", "train_loss_epoch", "val_lung_dice", "val_opacity_dice"} <= set(run.data.metrics)
-    assert run.data.params["num_epochs"] == "2"
-    assert (local_training / "mlruns").is_dir()  # the artifacts sit next to the database
-    assert list((local_training / "mlruns").rglob("config_*.json"))
+    assert len(runs) == 2
+    for run in runs:
+        assert re.fullmatch(r"train_\d{8}_\d{6}", run.info.run_name), run.info.run_name
+        assert {"train_loss", "train_loss_epoch", "val_lung_dice", "lr_group_0"} <= set(run.data.metrics)
+        assert "learning_rate" not in run.data.metrics and "num_epochs" not in run.data.params  # MONAI logs them
+    assert sorted(run.data.params["max_epochs"] for run in runs) == ["1", "2"]
+    assert (bundle_root / "runs" / "mlruns").is_dir()  # the artifacts sit next to the database
+    assert list((bundle_root / "runs" / "mlruns").rglob("config_*.json"))
     assert list(local_training.glob("config_*.json")) and (local_training / "model.pt").is_file()
 
 
@@ -341,8 +354,17 @@ def test_training_goes_on_when_the_server_dies(mlflow_server, tiny_dataset, tmp_
     assert time.monotonic() - started < WORKFLOW_TIMEOUT
 
 
+def registered_version(client: MlflowClient, weights: Path):
+    """The one registered version of ``weights`` (found by the sha256 tag every version carries)."""
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    versions = client.search_model_versions(f"name = 'cxr_lung_opacity' and tags.weights_sha256 = '{sha256}'")
+    assert len(versions) == 1
+    return versions[0]
+
+
 def local_store(training_output: Path) -> str:
-    return f"sqlite:///{training_output / 'mlruns.db'}"
+    """The default store of a training run whose bundle root is its output folder's parent (``local_training``)."""
+    return f"sqlite:///{training_output.parent / 'runs' / 'mlruns.db'}"
 
 
 def test_training_registers_a_model_that_predicts_like_the_bundle(local_training, tiny_dataset):
@@ -351,12 +373,10 @@ def test_training_registers_a_model_that_predicts_like_the_bundle(local_training
     from monai.bundle import ConfigParser
 
     client = MlflowClient(tracking_uri=local_store(local_training))
-    versions = client.search_model_versions("name = 'cxr_lung_opacity'")
-    assert len(versions) == 1
-    version = versions[0]
+    version = registered_version(client, local_training / "model.pt")
     run = client.get_run(version.run_id)
     assert run.data.tags["registered_model"] == f"cxr_lung_opacity/{version.version}"
-    assert version.tags["weights_sha256"] == hashlib.sha256((local_training / "model.pt").read_bytes()).hexdigest()
+    assert run.info.run_name.startswith("train_")
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in ("common.yaml", "inference.yaml")])
@@ -394,11 +414,12 @@ def test_evaluate_names_the_training_run_of_its_weights(local_training, tiny_dat
     assert code == 0, log[-4000:]
     client = MlflowClient(tracking_uri=local_store(local_training))
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = {run.info.run_name.split("_")[0]: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"train", "evaluate"}
-    tags = runs["evaluate"].data.tags
-    assert tags["training_run_id"] == runs["train"].info.run_id
-    assert tags["registered_model"] == runs["train"].data.tags["registered_model"]
+    (evaluation,) = [
+        run for run in client.search_runs([experiment.experiment_id]) if run.info.run_name.startswith("evaluate_")
+    ]
+    version = registered_version(client, local_training / "model.pt")
+    assert evaluation.data.tags["training_run_id"] == version.run_id
+    assert evaluation.data.tags["registered_model"] == f"cxr_lung_opacity/{version.version}"
 
 
 def test_shipping_a_registered_version_writes_its_weights_and_tags_it(local_training, tmp_path):
@@ -407,7 +428,7 @@ def test_shipping_a_registered_version_writes_its_weights_and_tags_it(local_trai
 
     store = local_store(local_training)
     client = MlflowClient(tracking_uri=store)
-    (version,) = client.search_model_versions("name = 'cxr_lung_opacity'")
+    version = registered_version(client, local_training / "model.pt")
     shipped = tmp_path / "models" / "model.pt"
     uri = f"models:/cxr_lung_opacity/{version.version}"
     assert ship_model(["--checkpoint", uri, "--tracking-uri", store, "--output", str(shipped), "--fp32"]) == 0

@@ -309,7 +309,7 @@ def _default_loss(output) -> float | None:
 
 
 class TrainingTracker(_RunLogger):
-    """Trainer handler: parameters, tags, executed config, per-epoch loss and learning rate, checkpoint and log file.
+    """Trainer handler: parameters, tags, executed config, per-epoch loss, checkpoint, log file and registered model.
 
     Beside MONAI's MLFlowHandler (metrics only): parameters, datalist hash, config and files; a failing server is
     logged, never fatal.
@@ -347,7 +347,6 @@ class TrainingTracker(_RunLogger):
         self.loss_transform = loss_transform or _default_loss
         self.config = _ConfigArtifact(output_dir)
         self._losses: list[float] = []
-        self._learning_rate: float | None = None
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -365,8 +364,6 @@ class TrainingTracker(_RunLogger):
 
     def epoch_started(self, engine) -> None:
         self._losses = []
-        optimizer = getattr(engine, "optimizer", None)  # the rate this epoch trains with (schedulers step at its end)
-        self._learning_rate = float(optimizer.param_groups[0]["lr"]) if optimizer and optimizer.param_groups else None
 
     def iteration_completed(self, engine) -> None:
         if self.mlflow is not None:
@@ -378,9 +375,7 @@ class TrainingTracker(_RunLogger):
         if self.mlflow is None:
             return
         metrics = {"train_loss_epoch": float(np.mean(self._losses)) if self._losses else math.nan}
-        if self._learning_rate is not None:
-            metrics["learning_rate"] = self._learning_rate
-        self.guarded(self.log_metrics, metrics, engine.state.epoch)
+        self.guarded(self.log_metrics, metrics, engine.state.epoch)  # the learning rate: MONAI's lr_group_0
 
     def completed(self, engine) -> None:
         if self.mlflow is None:
