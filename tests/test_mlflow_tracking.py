@@ -295,6 +295,10 @@ def test_default_store_is_one_sqlite_database_for_every_run(local_training, tiny
         assert {"train_loss", "train_loss_epoch", "val_lung_dice", "lr_group_0"} <= set(run.data.metrics)
         assert "learning_rate" not in run.data.metrics and "num_epochs" not in run.data.params  # MONAI logs them
     assert sorted(run.data.params["max_epochs"] for run in runs) == ["1", "2"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    inputs = client.get_run(runs[0].info.run_id).inputs.dataset_inputs  # the datalist's splits
+    rows = {item.tags[0].value: json.loads(item.dataset.profile)["num_rows"] for item in inputs}
+    assert rows == {"training": TRAIN_IMAGES, "validation": 2} and all(item.dataset.digest for item in inputs)
     assert (bundle_root / "runs" / "mlruns").is_dir()  # the artifacts sit next to the database
     assert list((bundle_root / "runs" / "mlruns").rglob("config_*.json"))
     assert list(local_training.glob("config_*.json")) and (local_training / "model.pt").is_file()

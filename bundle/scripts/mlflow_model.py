@@ -5,13 +5,15 @@
 an input example, and registers it as a new version of a named model; ``mlflow.pyfunc.load_model(...).predict``
 then gives what the bundle's network gives. :func:`model_version_of` finds the registered version of a weights file
 by its sha256 (tagged on every version), so an evaluate run can name the training run behind the weights it
-evaluates.
+evaluates. :func:`datalist_inputs` describes a datalist's splits as MLflow dataset inputs (rows, digest, source).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 
 import numpy as np
 import torch
@@ -114,3 +116,22 @@ def tag_shipped_weights(model_uri: str, shipped_file: str, tracking_uri: str | N
     name, version = model_uri[len("models:/") :].split("/", 1)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     client.set_model_version_tag(name, version, SHIPPED_SHA256_TAG, file_sha256(shipped_file))
+
+
+def datalist_inputs(datalist: str) -> list:
+    """One MLflow dataset input per split of a ``datalist.json`` (its rows as a table: digest, row count, source the
+    file), with the split's name as the input's context."""
+    import mlflow.data
+    import pandas
+    from mlflow.entities import DatasetInput, InputTag
+
+    with open(datalist, encoding="utf-8") as handle:
+        content = json.load(handle)
+    name = os.path.basename(os.path.dirname(os.path.abspath(datalist))) or "datalist"
+    inputs = []
+    for split, items in content.items():
+        if isinstance(items, list) and items:
+            table = pandas.DataFrame([{key: str(value) for key, value in item.items()} for item in items])
+            dataset = mlflow.data.from_pandas(table, source=os.path.abspath(datalist), name=f"{name}/{split}")
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", split)]))
+    return inputs

@@ -361,6 +361,14 @@ class TrainingTracker(_RunLogger):
 
     def on_run_started(self, handler: MLFlowHandler) -> None:
         self.log_run_details({**self.params, **(_datalist_counts(self.datalist) if self.datalist else {})})
+        if self.datalist and os.path.isfile(self.datalist):
+            self.guard.call(self.log_datasets, handler.client)
+
+    def log_datasets(self, client) -> None:
+        """The datalist's splits as the run's dataset inputs (the UI's "Datasets used")."""
+        from scripts.mlflow_model import datalist_inputs
+
+        client.log_inputs(self.run_id, datasets=datalist_inputs(self.datalist))
 
     def epoch_started(self, engine) -> None:
         self._losses = []
