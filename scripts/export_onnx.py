@@ -22,8 +22,8 @@ BUNDLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, BUNDLE)
 
 from monai.bundle import ConfigParser  # noqa: E402
-from ship_model import state_dict_of  # noqa: E402
 
+from scripts.checkpoints import state_dict_of  # noqa: E402
 from scripts.onnx_runtime import export_onnx  # noqa: E402
 
 # the inference workflow's config files, merged in this order

@@ -361,7 +361,7 @@ def read_published_split(source: dict) -> dict[str, str]:
     return {file_stem(row[source["image_column"]]): row[source["split_column"]].strip().lower() for row in rows}
 
 
-def collect_mask_source(source: dict, report: dict, reading: Progress) -> list[dict]:
+def collect_mask_source(args, source: dict, report: dict) -> list[dict]:
     """One sample per image of a mask-folder source; images without a lung (or opacity) mask are reported."""
     images = list_images(source["images"])
     lungs = list_masks(source["lungs"])
@@ -370,32 +370,33 @@ def collect_mask_source(source: dict, report: dict, reading: Progress) -> list[d
     published = read_published_split(source)
     annotated = "opacity" in source
     samples = []
-    for stem, image_path in images.items():
-        reading.advance()
-        if stem not in lungs:
-            report["unlabelled"].append(image_path)
-            continue
-        try:
-            if annotated and stem not in opacity:
-                raise RadiographError(image_path, f"no opacity mask in {source['opacity']}")
-            if published and stem not in published:
-                raise RadiographError(image_path, f"not listed in the split table {source['split']}")
-            shape = read_radiograph(image_path).pixels.shape
-            labels = lung_mask_label_map(lungs[stem], shape, opacity.get(stem) if annotated else None)
-        except RadiographError as error:
-            report["skipped"].append({"file": error.path, "reason": error.problem})
-            continue
-        sample = {
-            "stem": stem,
-            "image": os.path.abspath(image_path),
-            "labels": labels,
-            "source": source["name"],
-            "patient_id": f"{source['name']}:{stem}",
-            "published_split": published.get(stem, "train"),
-        }
-        if stem in lung_field:
-            sample["lung_field"] = lung_field[stem]
-        samples.append(sample)
+    with progress(args, f"reading {source['name']}", len(images), report) as reading:
+        for stem, image_path in images.items():
+            reading.advance()
+            if stem not in lungs:
+                report["unlabelled"].append(image_path)
+                continue
+            try:
+                if annotated and stem not in opacity:
+                    raise RadiographError(image_path, f"no opacity mask in {source['opacity']}")
+                if published and stem not in published:
+                    raise RadiographError(image_path, f"not listed in the split table {source['split']}")
+                shape = read_radiograph(image_path).pixels.shape
+                labels = lung_mask_label_map(lungs[stem], shape, opacity.get(stem) if annotated else None)
+            except RadiographError as error:
+                report["skipped"].append({"file": error.path, "reason": error.problem})
+                continue
+            sample = {
+                "stem": stem,
+                "image": os.path.abspath(image_path),
+                "labels": labels,
+                "source": source["name"],
+                "patient_id": f"{source['name']}:{stem}",
+                "published_split": published.get(stem, "train"),
+            }
+            if stem in lung_field:
+                sample["lung_field"] = lung_field[stem]
+            samples.append(sample)
     return samples
 
 
@@ -424,8 +425,7 @@ def prepare_mask_sources(args, output: str, report: dict) -> dict[str, list[dict
     """Label maps of every --mask-source written under ``output/labels/<source>/``; their datalist rows by section."""
     sections = {"training": [], "validation": [], "test": []}
     for source in args.mask_source:
-        with progress(args, f"reading {source['name']}", len(list_images(source["images"])), report) as reading:
-            samples = collect_mask_source(source, report, reading)
+        samples = collect_mask_source(args, source, report)
         training, validation, test = split_mask_source(samples, args)
         writing = progress(args, f"writing {source['name']} label maps", len(samples))
         for section, rows in zip(sections, (training, validation, test)):

@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
+from scripts.checkpoints import state_dict_of  # noqa: E402
 from scripts.label_io import atomic_write  # noqa: E402
 from scripts.severity_calibration import file_sha256  # noqa: E402
-
-
-def state_dict_of(checkpoint: dict) -> dict:
-    """The network weights of a CheckpointSaver file (a bare state dict, or one under the key ``model``)."""
-    return checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], dict) else checkpoint
 
 
 def update_large_file_hash(weights_file: str) -> str | None:
@@ -38,14 +35,14 @@ def update_large_file_hash(weights_file: str) -> str | None:
     if not os.path.isfile(listing):
         return None
     relative = os.path.relpath(os.path.abspath(weights_file), bundle).replace(os.sep, "/")
-    text = open(listing).read()
+    text = Path(listing).read_text()
     entries = [entry for entry in yaml.safe_load(text)["large_files"] if entry["path"] == relative]
     if not entries:
         return None
     if entries[0]["hash_type"] != "sha256":
         raise ValueError(f"{listing}: {relative} has hash_type {entries[0]['hash_type']}; this tool writes sha256")
     text = text.replace(str(entries[0]["hash_val"]), file_sha256(weights_file))
-    atomic_write(listing, lambda path: open(path, "w").write(text))
+    atomic_write(listing, lambda path: Path(path).write_text(text))
     return listing
 
 

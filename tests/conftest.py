@@ -37,9 +37,14 @@ WORKFLOW_CONFIGS = {
 }
 
 
+def config_paths(workflow: str, *extra: str) -> list[str]:
+    """The config files of a workflow (plus ``extra`` config names merged last), in merge order."""
+    return [str(BUNDLE / "configs" / name) for name in (*WORKFLOW_CONFIGS[workflow], *extra)]
+
+
 def config_files(workflow: str, *extra: str) -> str:
     """The ``--config_file`` argument of a workflow (plus ``extra`` config names merged last)."""
-    paths = [str(BUNDLE / "configs" / name) for name in (*WORKFLOW_CONFIGS[workflow], *extra)]
+    paths = config_paths(workflow, *extra)
     return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{path}'" for path in paths) + "]"
 
 

@@ -17,7 +17,7 @@ import yaml
 from monai.apps.utils import download_url
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, WORKFLOW_CONFIGS, config_files, run_bundle
+from conftest import BUNDLE, config_files, config_paths, run_bundle
 
 CONFIGS = BUNDLE / "configs"
 METADATA_PATH = CONFIGS / "metadata.json"
@@ -222,7 +222,7 @@ def test_files_over_the_zoo_size_limit_are_listed_in_large_files():
 
 def config_parser(workflow: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in WORKFLOW_CONFIGS[workflow]])
+    parser.read_config(config_paths(workflow))
     return parser
 
 

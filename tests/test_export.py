@@ -3,7 +3,6 @@ PyTorch's logits on a preprocessed sample radiograph, a phantom and random noise
 
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
@@ -12,22 +11,16 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, config_files, run_bundle
+from conftest import BUNDLE, config_paths, run_bundle
 
 SHIPPED_WEIGHTS = BUNDLE / "models" / "model.pt"
 SAMPLE_RADIOGRAPH = BUNDLE / "docs" / "samples" / "7afaaccc.jpg"
 TOLERANCE = 1e-3  # max abs logit difference
 
 
-def inference_config_paths() -> list[str]:
-    """The inference workflow's config files (conftest's ``--config_file`` argument as a list)."""
-    argument = config_files("inference")
-    return ast.literal_eval(argument) if argument.startswith("[") else [argument]
-
-
 def inference_parser() -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(inference_config_paths())
+    parser.read_config(config_paths("inference"))
     return parser
 
 
@@ -53,7 +46,7 @@ def pytorch_logits(images) -> np.ndarray:
 
 def test_ckpt_export_writes_a_torchscript_model_with_the_pytorch_outputs(images, pytorch_logits, tmp_path, monkeypatch):
     """``ckpt_export --net_id traceable_network_def`` scripts the network; its logits equal PyTorch's."""
-    configs = inference_config_paths()
+    configs = config_paths("inference")
     # ckpt_export, unlike `run`, does not put the bundle folder on sys.path: from the repository root it must be there
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(BUNDLE), os.environ.get("PYTHONPATH")])))
     result = run_bundle(

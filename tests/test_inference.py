@@ -257,8 +257,8 @@ def test_onnx_export_gives_the_pytorch_outputs(phantom_model, tmp_path):
     import onnxruntime
     import torch
     from monai.networks.nets import FlexibleUNet
-    from ship_model import state_dict_of
 
+    from scripts.checkpoints import state_dict_of
     from scripts.onnx_runtime import OnnxRuntimeNetwork
 
     path = tmp_path / "model.onnx"

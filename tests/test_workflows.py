@@ -15,9 +15,9 @@ from conftest import (
     PHANTOM_IMAGE_SIZE,
     PYTHON,
     ROOT,
-    WORKFLOW_CONFIGS,
     bundle_command,
     config_files,
+    config_paths,
     run_bundle,
 )
 
@@ -26,7 +26,7 @@ CONFIGS = BUNDLE / "configs"
 
 def parser_for(workflow: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in WORKFLOW_CONFIGS[workflow]])
+    parser.read_config(config_paths(workflow))
     parser.read_meta(str(CONFIGS / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), **overrides})
     return parser

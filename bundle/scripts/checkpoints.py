@@ -46,6 +46,11 @@ def readable_checkpoint(path: str) -> str | None:
     return None
 
 
+def state_dict_of(checkpoint: dict) -> dict:
+    """The network weights of a CheckpointSaver file (a bare state dict, or one under the key ``model``)."""
+    return checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], dict) else checkpoint
+
+
 def latest_checkpoint(folder: str) -> str | None:
     """Newest readable ``checkpoint_epoch=N.pt`` written by the trainer's CheckpointSaver in ``folder``, or None.
 

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from scripts.checkpoints import state_dict_of
 from scripts.severity_calibration import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def probability_model(network: torch.nn.Module, weights_file: str) -> torch.nn.M
     """A copy of ``network`` (unwrapped from DistributedDataParallel) holding the weights of ``weights_file`` (a
     state dict or a CheckpointSaver file), followed by a softmax over the classes, on the CPU in float32, in eval
     mode."""
-    state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    state = state["model"] if isinstance(state.get("model"), dict) else state
+    state = state_dict_of(torch.load(weights_file, map_location="cpu", weights_only=True))
     network = copy.deepcopy(getattr(network, "module", network)).to("cpu").float()
     network.load_state_dict({key: value.float() for key, value in state.items()})
     return torch.nn.Sequential(network, torch.nn.Softmax(dim=1)).eval()
@@ -87,10 +87,9 @@ def log_registered_model(
     return client.get_model_version(registered_model_name, str(version))
 
 
-def model_version_of(client, weights_file: str, registered_model_name: str = REGISTERED_MODEL_NAME):
-    """The version registered through ``client`` whose checkpoint or shipped weights have the sha256 of
-    ``weights_file`` (the newest if several), or None."""
-    sha256 = file_sha256(weights_file)
+def model_version_of(client, sha256: str, registered_model_name: str = REGISTERED_MODEL_NAME):
+    """The version registered through ``client`` whose checkpoint or shipped weights have the hex ``sha256`` (the
+    newest if several), or None."""
     versions = [
         version
         for tag in (WEIGHTS_SHA256_TAG, SHIPPED_SHA256_TAG)

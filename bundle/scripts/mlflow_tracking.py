@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import inspect
 import json
 import logging
@@ -30,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from monai.handlers import MLFlowHandler
 from monai.utils import min_version, optional_import
+
+from scripts.severity_calibration import file_sha256 as sha256_of
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -62,14 +63,10 @@ def timestamped_name(prefix: str, suffix: str = "") -> str:
 
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's content, or an empty string when it cannot be read."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_of(path)
     except OSError:
         return ""
-    return digest.hexdigest()
 
 
 def git_commit(folder: str) -> str:
@@ -322,7 +319,7 @@ class TrainingTracker(_RunLogger):
         tags: run tags, e.g. the bundle version; the git commit of ``bundle_root`` is added when available.
         loss_transform: ``engine.state.output`` to the iteration's loss (default: ``output[0]["loss"]``).
         cooldown: seconds tracking calls are skipped after a failure (doubling while failures repeat).
-        registered_model: when training completes, ``{"name": ..., "network": <a new network_def instance>,
+        registered_model: when training completes, ``{"name": ..., "network": <the trained network>,
             "weights": <the chosen checkpoint>, "image_size": [...], "num_classes": n}`` is logged as the run's MLflow
             Model and registered under ``name`` (:mod:`scripts.mlflow_model`); None: no model is logged.
     """
@@ -559,7 +556,7 @@ class EvaluationTracker(_RunLogger):
         from scripts.mlflow_model import model_version_of
 
         tags = {"weights_sha256": file_sha256(self.weights_file)}
-        version = model_version_of(client, self.weights_file)
+        version = model_version_of(client, tags["weights_sha256"])
         if version is not None:
             tags.update(registered_model=f"{version.name}/{version.version}", training_run_id=version.run_id)
         return tags
