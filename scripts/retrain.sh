@@ -2,6 +2,7 @@
 # Retrain the shipped model from ../shared/data-style inputs with the shipped recipe and a fixed seed.
 #   bash scripts/retrain.sh [DATA_ROOT]                      # stages 1-3, the stage-3 model shipped
 #   FOLDS="0 1 all" bash scripts/retrain.sh [DATA_ROOT]      # the same with the stage-2 cross-validation first
+#   TRACKING=mlflow FOLDS="0 1 all" bash scripts/retrain.sh  # the same, stage 2 tracked in MLflow (see below)
 # DATA_ROOT holds cohen-cxr/{images,lung_masks,lung_masks_lungvae,metadata.csv,severity_scores.csv},
 # opacity-labelme/ and covid-qu-ex/{images,lung_masks,infection_masks,index.csv}.
 # Stage 1, base (26 epochs from scratch): every cohen-cxr lung mask (opacity not annotated) and synthetic opacities;
@@ -17,7 +18,12 @@
 #   scores calibrated against the radiologists' scores (scripts/calibrate_severity.py).
 # STAGE2_WEIGHTS=<file> skips stages 1-2 and starts stage 3 from those weights (release 0.4.0 started from the 0.3.0
 #   weights, which stages 1-2 reproduce). The docs' sample radiographs are never trained on.
-# Interrupted? Run again: each training continues from its last checkpoint.
+# TRACKING=mlflow tracks stage 2 in MLflow (bundle/docs/mlflow.md; store: MLFLOW_TRACKING_URI if set, else
+#   bundle/runs/mlruns.db): with cross-validation folds, a parent run "cross_validation" (scripts/cv_tracking.py) with
+#   one child training run per fold (fold_<k>), each fold's evaluate run nested under its training run, and the
+#   cv_summary.py table as the parent's metrics ("cv_fold<k>/<figure>" per fold, "<figure>" over all folds).
+# Interrupted? Run again: each training continues from its last checkpoint (and its MLflow run, under the unfinished
+#   parent run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${1:-../shared/data}
@@ -26,6 +32,7 @@ QUEX=$DATA_ROOT/covid-qu-ex
 FOLDS=${FOLDS:-all}
 STAGE2_WEIGHTS=${STAGE2_WEIGHTS:-runs/fold_all/model_final.pt}
 STAGE3_EPOCHS=${STAGE3_EPOCHS:-6}
+TRACKING=${TRACKING:-}
 PYTHON=.venv/bin/python
 INFERENCE_CONFIGS="['bundle/configs/common.yaml','bundle/configs/inference.yaml']"
 TRAINING_CONFIGS="['bundle/configs/common.yaml','bundle/configs/train.yaml']"
@@ -101,6 +108,15 @@ if [ ! -f "$STAGE2_WEIGHTS" ]; then
     [ -d data/no_finding_lungs ] || lung_fields runs/base/model.pt data/no_finding data/no_finding_lungs
 
     cv_runs=()
+    parent=""  # the cross-validation's MLflow run (TRACKING=mlflow): each fold's training run is its child
+    tracking=()
+    if [ "$TRACKING" = mlflow ]; then
+        tracking=(--tracking mlflow)
+        if [ -n "$(for fold in $FOLDS; do [ "$fold" = all ] || echo "$fold"; done)" ]; then  # cross-validation folds
+            parent=$($PYTHON scripts/cv_tracking.py start --run-name cross_validation --folds $FOLDS)
+            tracking+=(--mlflow_parent_run_id "$parent")
+        fi
+    fi
     for fold in $FOLDS; do
         stage "stage 2: fine-tune, fold $fold"
         holdout=$([ "$fold" = all ] && echo -1 || echo "$fold")
@@ -108,16 +124,25 @@ if [ ! -f "$STAGE2_WEIGHTS" ]; then
             --output "data/fold_$fold"
         $PYTHON -m monai.bundle run training "${BUNDLE_ARGS[@]}" --config_file "${TRAINING_CONFIGS}" \
             --dataset_dir "data/fold_$fold" --run_name "fold_$fold" --output_dir "runs/fold_$fold" --num_epochs 10 \
-            --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0
+            --learning_rate 0.0003 --init_checkpoint runs/base/model.pt --seed 0 "${tracking[@]}"
         if [ "$fold" != all ]; then  # the final checkpoint on the held-out fold (and the other validation patients)
+            evaluate_tracking=("${tracking[@]}")
+            if [ -n "$parent" ]; then  # nested under the fold's training run
+                fold_run=$($PYTHON scripts/cv_tracking.py run-id --run-name "fold_$fold" --parent-run-id "$parent")
+                evaluate_tracking=(--tracking mlflow --mlflow_parent_run_id "$fold_run")
+            fi
             $PYTHON -m monai.bundle run "${BUNDLE_ARGS[@]}" \
                 --config_file "${EVALUATE_CONFIGS}" \
-                --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" --ckpt_path "runs/fold_$fold/model_final.pt"
+                --dataset_dir "data/fold_$fold" --output_dir "runs/cv_fold$fold" \
+                --ckpt_path "runs/fold_$fold/model_final.pt" "${evaluate_tracking[@]}"
             cv_runs+=("runs/cv_fold$fold")
         fi
     done
     if [ ${#cv_runs[@]} -gt 0 ]; then
         $PYTHON scripts/cv_summary.py "${cv_runs[@]}" --output runs/cv_summary.json
+    fi
+    if [ -n "$parent" ]; then  # the table as the parent run's metrics; the run ends (and is sent to a server)
+        $PYTHON scripts/cv_tracking.py finish --run-id "$parent" --summary runs/cv_summary.json
     fi
 fi
 

@@ -98,6 +98,16 @@ def model_version_of(client, sha256: str, registered_model_name: str = REGISTERE
     return max(versions, key=lambda version: int(version.version), default=None)
 
 
+def lineage_tags(client, sha256: str) -> dict:
+    """``{"weights_sha256", "registered_model": "<name>/<version>", "training_run_id"}`` of the weights with the hex
+    ``sha256`` in the store of ``client`` (the last two only when a registered version holds those weights)."""
+    tags = {WEIGHTS_SHA256_TAG: sha256}
+    version = model_version_of(client, sha256)
+    if version is not None:
+        tags.update(registered_model=f"{version.name}/{version.version}", training_run_id=version.run_id)
+    return tags
+
+
 def registered_weights(model_uri: str, tracking_uri: str | None = None) -> dict:
     """The network weights (state dict) of a registered model version, e.g. ``models:/cxr_lung_opacity/3``."""
     import mlflow
