@@ -1,4 +1,4 @@
-"""A real MONAI Label server (the monaibundle sample app) serving the bundle, driven over HTTP.
+"""A real MONAI Label server (the bundle's app, scripts/monailabel_app.py) serving the bundle, driven over HTTP.
 
 The server runs in the MONAI Label environment (.venv-monailabel, made by scripts/install_monailabel.sh) as a
 subprocess of scripts/serve_monailabel.py, on a free loopback port, with 3 phantom radiographs as studies and the
@@ -31,6 +31,7 @@ from conftest import PHANTOM_IMAGE_SIZE
 MODEL = serve_monailabel.MODEL_NAME
 ROWS, COLUMNS = 200, 240  # not square, so a transposed mask cannot pass for an aligned one
 TRAIN_TIMEOUT_S = 600
+DICOM_TWIN = ("cxr_0_dicom", "cxr_0")  # a DICOM study and the PNG study with the same 8-bit pixels
 
 
 @dataclass
@@ -99,13 +100,15 @@ def monailabel_environment() -> Path:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Studies:
-    """3 phantom radiographs (PNG, 200 x 240, seeds unseen by the phantom model) as the server's studies."""
+    """3 phantom radiographs (PNG, 200 x 240, seeds unseen by the phantom model) as the server's studies, and a DICOM
+    file holding the pixels of the first (``DICOM_TWIN``)."""
     folder = tmp_path_factory.mktemp("monailabel_studies")
     cases = {}
     for index in range(3):
         phantom = phantoms.make_phantom(ROWS, COLUMNS, seed=90_000 + index)
         phantoms.write_png(folder / f"cxr_{index}.png", phantom.image)
         cases[f"cxr_{index}"] = phantom
+    phantoms.write_dicom(folder / f"{DICOM_TWIN[0]}.dcm", cases[DICOM_TWIN[1]].image, bits=8)
     return Studies(folder, cases)
 
 
@@ -130,13 +133,46 @@ def infer_mask(server, image_id: str) -> np.ndarray:
         return np.asarray(mask)
 
 
+def save_label(server, image_id: str, label: np.ndarray) -> None:
+    """Save a final label (the bundle's encoding: 0 background, 1 lung, 2 opacity) for a study, as a client does."""
+    saved = json.loads(
+        request(
+            f"{server.url}/datastore/label?image={image_id}&tag=final",
+            method="PUT",
+            fields={"params": "{}"},
+            files={"label": (f"{image_id}.png", png_bytes(label))},
+        )
+    )
+    assert saved["image"] == image_id
+
+
+def train_round(server, settings: dict) -> dict:
+    """``POST /train/<model>`` with ``settings`` and wait until the round is DONE; returns the task."""
+    request(f"{server.url}/train/{MODEL}", method="POST", body=settings)
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        task = json.loads(request(f"{server.url}/train/"))
+        if task.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(2)
+    assert task.get("status") == "DONE", f"round not done: {task}\n{serve_monailabel.log_tail(server.log_file)}"
+    return task
+
+
 def test_info_lists_the_model_and_its_labels(server, studies):
     info = json.loads(request(f"{server.url}/info/"))
     assert MODEL in info["models"], info["models"].keys()
     assert info["models"][MODEL]["labels"] == {"lung": 1, "opacity": 2}
     assert info["labels"] == ["lung", "opacity"]
     assert MODEL in info["trainers"]
-    assert info["datastore"]["total"] == len(studies.phantoms)
+    assert info["datastore"]["total"] == len(studies.phantoms) + 1  # and the DICOM study
+
+
+def test_a_dicom_study_is_inferred_like_the_png_of_its_pixels(server, studies):
+    """MONAI Label's environment has pydicom 2: the bundle's reader works there too."""
+    dicom_mask, png_mask = (infer_mask(server, image_id) for image_id in DICOM_TWIN)
+    assert dicom_mask.shape == (ROWS, COLUMNS) and (dicom_mask > 0).any()
+    assert np.array_equal(dicom_mask, png_mask)
 
 
 def test_infer_returns_a_lung_mask_aligned_with_the_radiograph(server, studies):
@@ -150,38 +186,24 @@ def test_infer_returns_a_lung_mask_aligned_with_the_radiograph(server, studies):
         assert not (mask[phantom.marker] > 0).any()  # the top-left marker stays background: no flip or transpose
 
 
-def test_saved_labels_train_a_new_checkpoint_that_the_server_serves(server, studies):
+def test_saved_labels_train_a_checkpoint_that_the_publish_gate_serves_or_refuses(server, studies):
     labelled = list(studies.phantoms)[:2]
     for image_id in labelled:
-        label = studies.phantoms[image_id].label_map()  # the bundle's encoding: 0 background, 1 lung, 2 opacity
-        saved = json.loads(
-            request(
-                f"{server.url}/datastore/label?image={image_id}&tag=final",
-                method="PUT",
-                fields={"params": "{}"},
-                files={"label": (f"{image_id}.png", png_bytes(label))},
-            )
-        )
-        assert saved["image"] == image_id
+        save_label(server, image_id, studies.phantoms[image_id].label_map())
     datastore = json.loads(request(f"{server.url}/datastore/?output=stats"))
     assert datastore["completed"] == len(labelled), datastore
 
     served_weights = server.served_bundle / "models" / "model.pt"
     weights_before = served_weights.stat().st_mtime_ns
-    request(f"{server.url}/train/{MODEL}", method="POST", body={"max_epochs": 1, "val_split": 0.5})
-    deadline = time.monotonic() + TRAIN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        task = json.loads(request(f"{server.url}/train/"))
-        if task.get("status") not in ("SUBMITTED", "RUNNING"):
-            break
-        time.sleep(2)
-    assert (
-        task.get("status") == "DONE"
-    ), f"training did not finish: {task}\n{serve_monailabel.log_tail(server.log_file)}"
+    train_round(server, {"max_epochs": 1, "val_split": 0.5})
 
-    runs = list((server.served_bundle / "runs").glob("*/checkpoint_epoch=1.pt"))
-    assert runs, f"no checkpoint written under {server.served_bundle / 'runs'}"
-    assert served_weights.stat().st_mtime_ns > weights_before  # the run's weights are published to the served model
+    runs = list((server.served_bundle / "runs").glob("*/log.txt"))  # a served round keeps its log, no checkpoints
+    assert runs, f"no run under {server.served_bundle / 'runs'}"
+    # the publish gate decided: new weights served, or the served ones kept, saying why
+    record = json.loads((server.served_bundle / "models" / "publish_record.json").read_text())
+    assert record["decision"] in ("published", "kept") and record["reason"], record
+    replaced = served_weights.stat().st_mtime_ns > weights_before
+    assert replaced == (record["decision"] == "published"), record
     for image_id in labelled:
         mask = infer_mask(server, image_id)  # the server reloads the new weights
         assert mask.shape == (ROWS, COLUMNS)

@@ -7,12 +7,15 @@ best validation epoch, and publishing a run's weights when it ends.
 - :func:`latest_checkpoint` skips an unreadable newest checkpoint (0-byte, truncated) for the previous one, warning.
 - :class:`BestMetricRecord` keeps the validator's best key metric, its epoch and the best-model saver's record in
   the trainer's checkpoints and restores them on resume, so a resumed run replaces ``model.pt`` only by a better epoch.
+- :class:`PublishWeights` writes a run's weights to the served weights file when training ends, if a publish gate
+  finds them not worse than the served ones, keeping the replaced weights.
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -24,7 +27,7 @@ from ignite.engine import Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-from scripts.label_io import atomic_write, process_umask
+from scripts.label_io import process_umask
 
 logger = logging.getLogger(__name__)
 
@@ -222,13 +225,20 @@ class BestMetricRecord:
 
 
 class PublishWeights:
-    """When training completes, write the run's weights to ``path`` (atomically); ``path`` None does nothing.
+    """When training completes, write the run's weights to ``path`` if they are not worse than the weights there.
 
-    Custom: MONAI has no handler that writes the best weights to a fixed path when training ends.
+    Custom: MONAI has no handler that writes the best weights to a fixed path when training ends, and MONAI Label
+    none that checks them first.
 
-    The best validation checkpoint (``best_checkpoint``) is published when this run wrote it (before a resume too,
-    known from ``best_metric_record``), else the network's weights after the last epoch. A server that watches the
-    file (MONAI Label reloads a model file whose modification time changed) uses the new weights at its next inference.
+    The candidate is the best validation checkpoint (``best_checkpoint``) when this run wrote it (before a resume too,
+    known from ``best_metric_record``), else the network's weights after the last epoch. With a ``gate``
+    (:class:`scripts.publish_gate.PublishGate`) the candidate and the weights at ``path`` are measured on the gate's
+    reference set and the candidate is published only when the gate allows it; without one it is always published.
+    The replaced weights are kept in ``previous/`` beside ``path`` (the newest ``keep_previous``), and
+    ``publish_record.json`` there says what was decided and why (:mod:`scripts.published_weights`); the decision and
+    its figures are in the train log too. ``runs_cap`` (:class:`scripts.run_folders.RunsCap`) then prunes older runs.
+    ``path`` None does nothing. A server that watches the file (MONAI Label reloads a model file whose modification
+    time changed) uses new weights at its next inference.
     """
 
     def __init__(
@@ -237,17 +247,34 @@ class PublishWeights:
         network: torch.nn.Module,
         best_checkpoint: str | None = None,
         best_metric_record: BestMetricRecord | None = None,
+        gate=None,
+        keep_previous: int = 2,
+        runs_cap=None,
     ):
         self.path, self.network, self.best_checkpoint = path, network, best_checkpoint
-        self.best_metric_record = best_metric_record
-        self._started_at = time.time()
+        self.best_metric_record, self.gate, self.runs_cap = best_metric_record, gate, runs_cap
+        self.keep_previous = keep_previous
+        self._started_at, self._reference_logged = time.time(), False
+        self.decision = None  # the last GateDecision (or None without a gate)
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._first_epoch_started)
         engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _started(self, engine) -> None:
         self._started_at = time.time()
+        self._reference_logged = False
+
+    def _first_epoch_started(self, engine) -> None:
+        """Load the reference set as the round starts (after every STARTED handler, so the log file has it)."""
+        if self._reference_logged or not self.path or self.gate is None:
+            return
+        self._reference_logged = True
+        reference = self.gate.reference()
+        counts = ", ".join(f"{len(names)} {role}" for role, names in reference.items()) or "no"
+        engine.logger.info(f"publish gate: reference set of {counts} studies; the weights are published to "
+                           f"{self.path} only if not worse on it")  # fmt: skip
 
     def _best_is_this_runs(self) -> bool:
         best = self.best_checkpoint
@@ -256,18 +283,91 @@ class PublishWeights:
         restored = self.best_metric_record is not None and self.best_metric_record.restored_best_epoch is not None
         return restored or os.path.getmtime(best) >= self._started_at
 
+    def _candidate(self) -> tuple[str, dict, object]:
+        """(description, state dict, writer of the file to publish) of this run's weights."""
+        best = self.best_checkpoint
+        if self._best_is_this_runs():
+            state = state_dict_of(torch.load(best, map_location="cpu", weights_only=True))
+            return f"the best validation checkpoint {best}", state, lambda temporary: shutil.copyfile(best, temporary)
+        network = self.network
+        if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            network = network.module
+        state = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
+        return "the weights of the last epoch", state, lambda temporary: torch.save(state, temporary)
+
+    def _served(self, engine) -> dict | None:
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            return state_dict_of(torch.load(self.path, map_location="cpu", weights_only=True))
+        except Exception as error:  # noqa: BLE001 - unreadable served weights are replaced by any candidate
+            engine.logger.warning(f"publish gate: the served weights {self.path} cannot be read ({error})")
+            return None
+
     def _completed(self, engine) -> None:
         if not self.path:
             return
-        best = self.best_checkpoint
-        if self._best_is_this_runs():
-            atomic_write(self.path, lambda temporary: shutil.copyfile(best, temporary))
-            logger.info(f"published the best validation checkpoint {best} to {self.path}")
+        from scripts import published_weights
+        from scripts.publish_gate import GateDecision
+
+        source, candidate, write = self._candidate()
+        started = time.time()
+        if self.gate is None:
+            decision = GateDecision(True, "published unchecked (no publish gate configured)")
         else:
-            network = self.network
-            if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-                network = network.module
-            state = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
-            atomic_write(self.path, lambda temporary: torch.save(state, temporary))
-            logger.info(f"published the weights of the last epoch to {self.path}")
-        os.chmod(self.path, 0o644)  # readable like any weights file (the temporary file was private)
+            try:
+                decision = self.gate.decide(self._served(engine), candidate)
+            except Exception as error:  # noqa: BLE001 - weights that could not be checked are not published
+                logger.exception("publish gate failed")
+                decision = GateDecision(False, f"the publish gate failed ({type(error).__name__}: {error})")
+        self.decision = decision
+        for line in _figure_lines(decision):
+            engine.logger.info(f"publish gate: {line}")
+        if decision.publish:
+            kept = published_weights.publish(self.path, write, self.keep_previous)
+            engine.logger.info(f"published {source} to {self.path} ({decision.reason})"
+                               + (f"; the replaced weights are kept as {kept}" if kept else ""))  # fmt: skip
+        else:
+            engine.logger.warning(f"kept the served weights {self.path}: {source} not published, {decision.reason}")
+        entry = {
+            "time": published_weights.now_iso(),
+            "decision": "published" if decision.publish else "kept",
+            "reason": decision.reason,
+            "run": os.path.dirname(os.path.abspath(self.best_checkpoint)) if self.best_checkpoint else None,
+            "candidate": source,
+            "weights": os.path.abspath(self.path),
+            "rule": "publish only if no reference figure is worse than the served weights' by more than its tolerance",
+            "tolerances": dict(self.gate.tolerances) if self.gate is not None else None,
+            **_finite(decision.as_dict()),
+            "gate_seconds": round(time.time() - started, 2),
+        }
+        del entry["publish"]
+        published_weights.write_record(self.path, entry)
+        if self.runs_cap is not None:
+            done = self.runs_cap.apply(started_at=self._started_at)
+            if done["removed_runs"] or done["pruned_runs"]:
+                engine.logger.info(
+                    f"runs cap: freed {done['freed_bytes'] / 2**20:.0f} MiB (weights of {len(done['pruned_runs'])} "
+                    f"older runs, {len(done['removed_runs'])} run folders removed)"
+                )
+
+
+def _finite(value):
+    """``value`` with NaN and infinite floats as None and floats rounded (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, float):
+        return round(value, 5) if math.isfinite(value) else None
+    return value
+
+
+def _figure_lines(decision) -> list[str]:
+    """The decision's figures as log lines: figure, served, candidate."""
+    lines = []
+    for figure, candidate in decision.candidate.items():
+        served = decision.served.get(figure)
+        served_text = f"{served:.4f}" if served is not None else "-"
+        lines.append(f"{figure}: served {served_text}, candidate {candidate:.4f}")
+    return lines

@@ -73,12 +73,9 @@ def copy_run(local: MlflowClient, server: MlflowClient, run_id: str) -> str:
     found = server.search_runs(
         [experiment_id], f"tags.`{SOURCE_TAG}` = '{run_id}'", entities.ViewType.ALL, max_results=1
     )
-    if found:
-        remote = found[0]
-    else:
-        tags = {SOURCE_TAG: run_id}
-        remote = server.create_run(experiment_id, run.info.start_time, tags, run.info.run_name)
-    remote_id = remote.info.run_id
+    if not found:
+        found = [server.create_run(experiment_id, run.info.start_time, {SOURCE_TAG: run_id}, run.info.run_name)]
+    remote_id = found[0].info.run_id
     remote = server.get_run(remote_id)
 
     tags = {key: value for key, value in run.data.tags.items() if key != "mlflow.runName"}
@@ -105,9 +102,8 @@ def copy_run(local: MlflowClient, server: MlflowClient, run_id: str) -> str:
     for key in run.data.metrics:
         sent = {(point.step, point.timestamp) for point in server.get_metric_history(remote_id, key)}
         points = [point for point in local.get_metric_history(run_id, key) if (point.step, point.timestamp) not in sent]
-        for batch in _batches(
-            [entities.Metric(key, point.value, point.timestamp, point.step) for point in points], 1000
-        ):
+        metrics = [entities.Metric(key, point.value, point.timestamp, point.step) for point in points]
+        for batch in _batches(metrics, 1000):
             server.log_batch(remote_id, metrics=batch)
     copy_artifacts(local, server, run_id, remote_id)
     if finished and remote.info.status != run.info.status:

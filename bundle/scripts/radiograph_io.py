@@ -8,7 +8,8 @@ identity affine, which means voxel (i, j) = column i, row j, as MONAI writes 2D 
 
 Spacing is reported only where it is known to be at the patient (see :func:`_dicom_spacing` and
 :func:`_nifti_spacing`); ``Radiograph.spacing_source`` says which tag gave it and ``Radiograph.warnings`` why there
-is none. Images whose header claims more than :data:`MAX_PIXELS` pixels are refused before they are decoded.
+is none. Images whose header claims more than :data:`MAX_PIXELS` pixels are refused before they are decoded. DICOM
+pixels are decoded by :mod:`scripts.dicom_pixels`, with pydicom 3 (the bundle's environment) or 2.4 (MONAI Label's).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def _read_pil(path: str) -> Radiograph:
 def _read_dicom(path: str) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
+
+    from scripts.dicom_pixels import MissingDecoderError, apply_modality_lut, decoded_pixels
 
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -227,7 +229,10 @@ def _read_dicom(path: str) -> Radiograph:
     warnings: list[str] = []
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     presentation_shape = str(dataset.get("PresentationLUTShape", "") or "").upper()
-    array = dataset.pixel_array
+    try:
+        array = decoded_pixels(dataset)
+    except MissingDecoderError as error:
+        raise RadiographError(path, str(error)) from error
     grey_levels = "as stored"
     if photometric.startswith("MONOCHROME"):
         array = _apply_voi(apply_modality_lut(array, dataset), dataset, warnings).astype(np.float32)
@@ -259,7 +264,7 @@ def _read_dicom(path: str) -> Radiograph:
 
 def _apply_voi(values: np.ndarray, dataset, warnings: list[str]) -> np.ndarray:
     """The stored VOI window or LUT applied to modality values, unless it clips most pixels (then ``values``)."""
-    from pydicom.pixels import apply_voi_lut
+    from scripts.dicom_pixels import apply_voi_lut
 
     windowed = apply_voi_lut(values, dataset)
     if windowed is values:  # no VOI window or LUT in the file
