@@ -37,6 +37,7 @@ import torch
 
 from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
 from scripts.radiograph_io import SUPPORTED_EXTENSIONS
+from scripts.validation_metrics import dice, opacity_share
 
 logger = logging.getLogger(__name__)
 
@@ -78,25 +79,15 @@ class GateDecision:
                 "served": self.served, "candidate": self.candidate, "reference": self.reference}  # fmt: skip
 
 
-def _dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
-    total = int(prediction.sum()) + int(truth.sum())
-    return 2.0 * float((prediction & truth).sum()) / total if total else 1.0
-
-
-def _opacity_share(classes: torch.Tensor) -> float:
-    lung = int((classes != BACKGROUND).sum())
-    return float((classes == OPACITY).sum()) / lung if lung else 0.0
-
-
 def labelled_figures(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Per-study figures of a predicted class map against a label map (values of :mod:`scripts.labels`)."""
-    figures = {"lung_dice": _dice(predicted != BACKGROUND, labels != BACKGROUND)}
+    figures = {"lung_dice": dice(predicted != BACKGROUND, labels != BACKGROUND)}
     if bool((labels == LUNG_UNANNOTATED).any()):
         return figures  # opacity not annotated
     if bool((labels == OPACITY).any()):
-        figures["opacity_dice"] = _dice(predicted == OPACITY, labels == OPACITY)
+        figures["opacity_dice"] = dice(predicted == OPACITY, labels == OPACITY)
     elif bool((labels != BACKGROUND).any()):
-        figures["clear_lung_false_opacity"] = _opacity_share(predicted)
+        figures["clear_lung_false_opacity"] = opacity_share(predicted)
     return figures
 
 
@@ -249,8 +240,8 @@ class PublishGate:
                     values.setdefault(f"{study.role}_{name}", []).append(value)
             else:
                 reference = served[key]
-                agreement = _dice(predicted != BACKGROUND, reference != BACKGROUND)
-                change = abs(_opacity_share(predicted) - _opacity_share(reference))
+                agreement = dice(predicted != BACKGROUND, reference != BACKGROUND)
+                change = abs(opacity_share(predicted) - opacity_share(reference))
                 values.setdefault("unlabelled_lung_agreement", []).append(agreement)
                 values.setdefault("unlabelled_opacity_change", []).append(change)
         figures = {}

@@ -29,19 +29,25 @@ def image_figures(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     predicted_lung = predicted != BACKGROUND
     predicted_opacity = predicted == OPACITY
     if bool((labels == LUNG_UNANNOTATED).any()):
-        return {"reference_lung_dice": _dice(predicted_lung, labels != BACKGROUND)}
+        return {"reference_lung_dice": dice(predicted_lung, labels != BACKGROUND)}
     true_opacity = labels == OPACITY
     if bool(true_opacity.any()):
-        return {"opacity_dice": _dice(predicted_opacity, true_opacity)}
+        return {"opacity_dice": dice(predicted_opacity, true_opacity)}
     if bool((labels != BACKGROUND).any()):
-        lung_pixels = int(predicted_lung.sum())
-        return {"clear_lung_false_opacity": float(predicted_opacity.sum()) / lung_pixels if lung_pixels else 0.0}
+        return {"clear_lung_false_opacity": opacity_share(predicted)}
     return {}
 
 
-def _dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+def dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
     total = int(prediction.sum()) + int(truth.sum())
     return 2.0 * float((prediction & truth).sum()) / total if total else 1.0
+
+
+def opacity_share(classes: torch.Tensor) -> float:
+    """Predicted opacity as a fraction of the predicted lung field of a class map (0.0 without a lung field)."""
+    lung = int((classes != BACKGROUND).sum())
+    return float((classes == OPACITY).sum()) / lung if lung else 0.0
 
 
 class LungOpacityFigure(Metric):
