@@ -7,8 +7,11 @@
 2. Bundle: end-to-end inference time per image through the documented inference command (files to masks and CSV;
    process start-up reported separately; also without the overlay PNGs), and the images/s of the bundle's
    SupervisedTrainer on the same data.
-3. Ratios bundle / floor (the floor of the runtime the bundle uses: ONNX Runtime on a CPU, PyTorch on CUDA), and the
-   peak resident memory of inference over 50 and over 200 images.
+3. Baseline: the same outputs (masks, overlays, table) from the hand-written loop a user would write instead of the
+   bundle, without MONAI (scripts/baseline_inference.py: Pillow, numpy, ONNX Runtime, one image at a time), over the
+   same images, with and without overlays; its start-up (ONNX export, session) is reported separately.
+4. Ratios bundle / baseline and bundle / floor (the floor of the runtime the bundle uses: ONNX Runtime on a CPU,
+   PyTorch on CUDA), and the peak resident memory of inference over 50 and over 200 images.
 
 Uses the radiographs of ../shared/data/cohen-cxr when present, else generated 1024 x 1024 phantoms.
 
@@ -108,6 +111,31 @@ def input_images(folder: str, count: int) -> list[str]:
     return paths
 
 
+def largest_images(folder: str, count: int) -> list[str]:
+    """The ``count`` largest radiographs (by pixels) of ../shared/data/cohen-cxr copied into ``folder``; [] without
+    it."""
+    from PIL import Image
+
+    if not os.path.isdir(SHARED_IMAGES):
+        return []
+    sizes = {}
+    for name in os.listdir(SHARED_IMAGES):
+        with Image.open(os.path.join(SHARED_IMAGES, name)) as image:  # reads the header only
+            sizes[name] = image.size[0] * image.size[1]
+    os.makedirs(folder, exist_ok=True)
+    chosen = sorted(sizes, key=lambda name: (-sizes[name], name))[:count]
+    for name in chosen:
+        shutil.copyfile(os.path.join(SHARED_IMAGES, name), os.path.join(folder, name))
+    return [os.path.join(folder, name) for name in chosen]
+
+
+def pixel_count(path: str) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size[0] * image.size[1]
+
+
 def engine_seconds(log: str, pattern: str) -> float:
     """Seconds of the last ignite 'Time taken: H:MM:SS.fff' following ``pattern`` in a log."""
     matches = re.findall(pattern + r".*?Time taken: (\d+):(\d+):([\d.]+)", log)
@@ -151,6 +179,22 @@ def bundle_inference(folder: str, output: str, *options: str) -> dict:
     return {"wall_s": wall, "engine_s": engine, "startup_s": wall - engine, "peak_rss_mb": peak_kb / 1024}
 
 
+def baseline_inference_runs(folder: str, work: str, size: int, overlays_only: bool = False) -> dict:
+    """Seconds per image of the hand-written baseline over the images of ``folder``, with and without overlays (or
+    with only), and its start-up (the bundle's ONNX export of the shipped weights at ``size``, the session)."""
+    import baseline_inference
+
+    start = time.perf_counter()
+    onnx_path = baseline_inference.export_model(os.path.join(BUNDLE, "models", "model.pt"), size, work)
+    model = baseline_inference.load_model(onnx_path, checkpoint=os.path.join(BUNDLE, "models", "model.pt"))
+    figures = {"baseline_startup_s": time.perf_counter() - start}
+    paths = baseline_inference.list_images(folder)
+    for run_name, overlays in (("", True),) if overlays_only else (("", True), ("_no_overlays", False)):
+        seconds = baseline_inference.run(paths, os.path.join(work, f"baseline{run_name}"), model, overlays)
+        figures[f"baseline_inference{run_name}_s_per_image"] = seconds / len(paths)
+    return figures
+
+
 def bundle_training(images: list[str], work: str, size: int, batch: int) -> float:
     """Images per second of the bundle's SupervisedTrainer (second epoch, data cached), no validation."""
     from PIL import Image
@@ -183,6 +227,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=50, help="radiographs for the inference timing (>= 50)")
     parser.add_argument("--memory-count", type=int, default=200, help="radiographs for the peak-memory run")
+    parser.add_argument("--largest", type=int, default=20, help="the largest cohen-cxr radiographs, timed apart")
     parser.add_argument("--train-images", type=int, default=48, help="radiographs per training epoch")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -214,6 +259,19 @@ def main(argv=None) -> int:
             os.path.dirname(images[0]), os.path.join(work, "masks_only"), "--write_overlays", "false"
         )
         figures["bundle_inference_no_overlays_s_per_image"] = masks_only["engine_s"] / args.count
+        figures.update(baseline_inference_runs(os.path.dirname(images[0]), os.path.join(work, "baseline"), args.size))
+        largest = largest_images(os.path.join(work, "inputs_largest"), args.largest)
+        if largest:
+            figures["largest_megapixels_mean"] = float(np.mean([pixel_count(path) for path in largest])) / 1e6
+            run = bundle_inference(os.path.dirname(largest[0]), os.path.join(work, "outputs_largest"))
+            figures["largest_bundle_inference_s_per_image"] = run["engine_s"] / len(largest)
+            baseline = baseline_inference_runs(
+                os.path.dirname(largest[0]), os.path.join(work, "baseline_largest"), args.size, overlays_only=True
+            )
+            figures["largest_baseline_inference_s_per_image"] = baseline["baseline_inference_s_per_image"]
+            figures["largest_ratio_bundle_over_baseline"] = (
+                figures["largest_bundle_inference_s_per_image"] / figures["largest_baseline_inference_s_per_image"]
+            )
         many = input_images(os.path.join(work, "inputs_many"), args.memory_count)
         figures["peak_rss_mb_inference_large"] = bundle_inference(
             os.path.dirname(many[0]), os.path.join(work, "outputs_many")
@@ -222,8 +280,12 @@ def main(argv=None) -> int:
             images[: args.train_images], os.path.join(work, "train"), args.size, args.batch
         )
         for run_name in ("", "_no_overlays"):
+            bundle_seconds = figures[f"bundle_inference{run_name}_s_per_image"]
             figures[f"inference{run_name}_ratio_bundle_over_floor"] = (
-                figures[f"bundle_inference{run_name}_s_per_image"] / figures["floor_inference_s_per_image"]
+                bundle_seconds / figures["floor_inference_s_per_image"]
+            )
+            figures[f"inference{run_name}_ratio_bundle_over_baseline"] = (
+                bundle_seconds / figures[f"baseline_inference{run_name}_s_per_image"]
             )
         figures["training_ratio_bundle_over_floor"] = (
             figures["bundle_training_images_per_s"] / figures["floor_training_images_per_s"]
@@ -238,17 +300,34 @@ def main(argv=None) -> int:
     )  # fmt: skip
     print(f"bare network per image: {floors}; the bundle runs on {figures['runtime']}, the floor below")
     rows = [
-        ("inference, s per image", figures["floor_inference_s_per_image"], figures["bundle_inference_s_per_image"],
+        ("inference, s per image", figures["floor_inference_s_per_image"], figures["baseline_inference_s_per_image"],
+         figures["bundle_inference_s_per_image"], figures["inference_ratio_bundle_over_baseline"],
          figures["inference_ratio_bundle_over_floor"]),
         ("  without overlays", figures["floor_inference_s_per_image"],
-         figures["bundle_inference_no_overlays_s_per_image"], figures["inference_no_overlays_ratio_bundle_over_floor"]),
-        ("training, images per s", figures["floor_training_images_per_s"], figures["bundle_training_images_per_s"],
-         figures["training_ratio_bundle_over_floor"]),
+         figures["baseline_inference_no_overlays_s_per_image"], figures["bundle_inference_no_overlays_s_per_image"],
+         figures["inference_no_overlays_ratio_bundle_over_baseline"],
+         figures["inference_no_overlays_ratio_bundle_over_floor"]),
+        ("training, images per s", figures["floor_training_images_per_s"], None,
+         figures["bundle_training_images_per_s"], None, figures["training_ratio_bundle_over_floor"]),
     ]  # fmt: skip
-    print(f"{'':28s}{'floor':>10s}{'bundle':>10s}{'ratio':>8s}")
-    for name, floor, bundle, ratio in rows:
-        print(f"{name:28s}{floor:10.3f}{bundle:10.3f}{ratio:8.2f}")
-    print(f"inference start-up (process, imports, model load): {figures['bundle_startup_s']:.1f} s")
+    print(f"{'':28s}{'floor':>10s}{'baseline':>10s}{'bundle':>10s}{'bundle/baseline':>17s}{'bundle/floor':>14s}")
+    for name, floor, baseline, bundle, over_baseline, over_floor in rows:
+        baseline_text = "-" if baseline is None else f"{baseline:.3f}"
+        over_baseline_text = "-" if over_baseline is None else f"{over_baseline:.2f}"
+        print(f"{name:28s}{floor:10.3f}{baseline_text:>10s}{bundle:10.3f}{over_baseline_text:>17s}{over_floor:14.2f}")
+    if "largest_bundle_inference_s_per_image" in figures:
+        print(
+            f"{'the ' + str(args.largest) + ' largest radiographs':28s}{'':10s}"
+            f"{figures['largest_baseline_inference_s_per_image']:10.3f}"
+            f"{figures['largest_bundle_inference_s_per_image']:10.3f}"
+            f"{figures['largest_ratio_bundle_over_baseline']:17.2f}"
+            f"   (mean {figures['largest_megapixels_mean']:.1f} Mpx, with overlays)"
+        )
+    print("baseline: the same outputs from a plain loop without MONAI (scripts/baseline_inference.py)")
+    print(
+        f"inference start-up (process, imports, model load): {figures['bundle_startup_s']:.1f} s; baseline start-up "
+        f"(ONNX export, session): {figures['baseline_startup_s']:.1f} s"
+    )
     print(
         f"peak resident memory of inference: {figures['peak_rss_mb_inference_small']:.0f} MB over {args.count} images, "
         f"{figures['peak_rss_mb_inference_large']:.0f} MB over {args.memory_count} images"

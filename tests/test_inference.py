@@ -298,14 +298,33 @@ def test_batched_pytorch_run_gives_the_masks_of_the_single_image_onnx_run(mixed_
     assert compared >= 16
 
 
-def test_overlays_can_be_left_out(mixed_folder_run, phantom_model, tmp_path):
-    """--write_overlays false writes the same masks and table, and no overlay PNG."""
+def rerun_with_same_masks_and_table(mixed_folder_run, phantom_model, output, *options) -> list[str]:
+    """Infer the mixed folder again into ``output`` with ``options``: the same table and masks as the first run;
+    returns the stems of the ok rows."""
     folder, full_output, _, _ = mixed_folder_run
-    result = infer(folder, tmp_path, phantom_model, "--write_overlays", "false")
+    result = infer(folder, output, phantom_model, *options)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert read_rows(tmp_path) == read_rows(full_output)
-    ok = [row["image"].split(".")[0] for row in read_rows(tmp_path) if row["status"] == "ok"]
-    assert ok and not list(tmp_path.glob("*/*_overlay.png"))
+    assert read_rows(output) == read_rows(full_output)
+    ok = [row["image"].split(".")[0] for row in read_rows(output) if row["status"] == "ok"]
+    assert ok
     for stem in ok:
         for kind in ("lung", "opacity"):
-            np.testing.assert_array_equal(mask(tmp_path, stem, kind), mask(full_output, stem, kind))
+            np.testing.assert_array_equal(mask(output, stem, kind), mask(full_output, stem, kind))
+    return ok
+
+
+def test_overlays_can_be_left_out(mixed_folder_run, phantom_model, tmp_path):
+    """--write_overlays false writes the same masks and table, and no overlay PNG."""
+    rerun_with_same_masks_and_table(mixed_folder_run, phantom_model, tmp_path, "--write_overlays", "false")
+    assert not list(tmp_path.glob("*/*_overlay.png"))
+
+
+def test_overlays_of_larger_radiographs_are_shrunk_to_overlay_max_side(mixed_folder_run, phantom_model, tmp_path):
+    """--overlay_max_side shrinks the overlay (aspect kept) and nothing else: same masks and table."""
+    ok = rerun_with_same_masks_and_table(mixed_folder_run, phantom_model, tmp_path, "--overlay_max_side", "120")
+    for stem in ok:
+        with Image.open(tmp_path / stem / f"{stem}_overlay.png") as overlay:
+            assert max(overlay.size) == 120 and abs(overlay.size[0] / overlay.size[1] - COLUMNS / ROWS) < 0.02
+            pixels = np.asarray(overlay.convert("RGB"))
+        assert (pixels == (0, 220, 255)).all(axis=2).any()  # the lung outline is drawn at the smaller size
+    assert json.loads((tmp_path / "severity.json").read_text())["settings"]["overlay_max_side"] == 120

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from scripts.grey_statistics import median
+
 ERROR_TAG = "not a frontal chest radiograph"
 WARNING_TAG = "unusual chest radiograph"
 REASON_MODALITY = "modality"
@@ -216,14 +218,14 @@ def _solidity(component: np.ndarray) -> float:
 
 def _grey_measures(grey: np.ndarray, lung: np.ndarray, right: LungMeasures, left: LungMeasures):
     """(contrast, lung brightness, grey levels) of the display image; see :class:`LungFieldMeasures`."""
-    lung_median = float(np.median(grey[lung]))
+    lung_median = median(grey[lung])
     contrast = None
     if right.fraction and left.fraction:
         rows = np.flatnonzero(lung.any(axis=1))
         first, last = (int(side.centroid_column * lung.shape[1]) for side in (right, left))
         band = ~lung[rows[0] : rows[-1] + 1, first : last + 1]
         if band.any():
-            contrast = (float(np.median(grey[rows[0] : rows[-1] + 1, first : last + 1][band])) - lung_median) / 255
+            contrast = (median(grey[rows[0] : rows[-1] + 1, first : last + 1][band]) - lung_median) / 255
     levels = int(np.count_nonzero(np.bincount(grey.ravel(), minlength=256)))
     return contrast, lung_median / 255, levels
 

@@ -41,9 +41,10 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     components, count = ndimage.label(lung, structure=EIGHT_CONNECTIVITY)
     labels = np.arange(1, count + 1)
-    flat_components = components.ravel()
-    sizes = np.bincount(flat_components, minlength=count + 1)[1:]
-    column_sums = np.bincount(flat_components, weights=np.tile(np.arange(lung.shape[1]), lung.shape[0]))[1:]
+    lung_pixels = np.flatnonzero(components)  # row-major indices of the lung pixels only
+    pixel_labels = components.ravel()[lung_pixels]
+    sizes = np.bincount(pixel_labels, minlength=count + 1)[1:]
+    column_sums = np.bincount(pixel_labels, weights=lung_pixels % lung.shape[1], minlength=count + 1)[1:]
     centroid_columns = column_sums / sizes
     by_size = labels[np.argsort(-sizes, kind="stable")]
     big = [label for label in by_size if sizes[label - 1] >= MIN_BIG_COMPONENT_FRACTION * sizes.sum()]

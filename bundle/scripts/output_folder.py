@@ -43,6 +43,7 @@ RESUME_SETTINGS = (
     "min_lung_fraction",
     "severity_rules",
     "write_overlays",
+    "overlay_max_side",
 )
 # what severity.json holds per file beside its row
 DETAIL_KEYS = ("spacing_source", "input_size", "input_mtime_ns", "outputs")

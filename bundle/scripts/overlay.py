@@ -16,19 +16,55 @@ OPACITY_BLEND = np.rint(
 
 def outline(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of ``mask`` within ``width`` pixels (chessboard distance) of its border."""
-    eroded = ndimage.minimum_filter(mask, size=2 * max(1, width) + 1, mode="constant", cval=False)
-    return mask & ~eroded
+    width = max(1, width)
+    edge = np.zeros_like(mask, dtype=bool)
+    rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(rows) == 0:
+        return edge
+    # the mask's bounding box and a margin of ``width``: beyond it the filter sees background only
+    top, left = max(0, rows[0] - width), max(0, columns[0] - width)
+    bottom, right = rows[-1] + width + 1, columns[-1] + width + 1
+    box = mask[top:bottom, left:right]
+    eroded = ndimage.minimum_filter(box, size=2 * width + 1, mode="constant", cval=False)
+    edge[top:bottom, left:right] = box & ~eroded
+    return edge
 
 
-def draw_overlay(display: np.ndarray, lung: np.ndarray, opacity: np.ndarray, caption: str) -> np.ndarray:
-    """RGB uint8 image: grey radiograph, translucent opacity fill, lung outline and a caption in the top-left.
+def display_shape(rows: int, columns: int, max_side: int | None) -> tuple[int, int]:
+    """(rows, columns) of an image shrunk to ``max_side`` pixels on its longest side (aspect kept; never enlarged)."""
+    longest = max(rows, columns)
+    if not max_side or longest <= max_side:
+        return rows, columns
+    scale = max_side / longest
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def shrink(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 or boolean ``array`` box-averaged to ``shape``; a mask keeps the pixels at least half covered."""
+    if array.shape == shape:
+        return array
+    from PIL import Image
+
+    pixels = array.astype(np.uint8) * 255 if array.dtype == bool else array
+    shrunk = np.asarray(Image.fromarray(pixels).resize(shape[::-1], Image.BOX))
+    return shrunk >= 128 if array.dtype == bool else shrunk
+
+
+def draw_overlay(
+    display: np.ndarray, lung: np.ndarray, opacity: np.ndarray, caption: str, max_side: int | None = None
+) -> np.ndarray:
+    """RGB uint8 image: grey radiograph, translucent opacity fill, lung outline and a caption in the top-left; at most
+    ``max_side`` pixels on its longest side (None: the radiograph's size).
 
     Not MONAI's blend_images: it draws no outline or caption and is 2x slower at 2000 x 2000 (benchmark_transforms.py).
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    display = np.asarray(display, dtype=np.uint8)
-    rgb = np.where(opacity[..., None], OPACITY_BLEND[display], display[..., None])
+    shape = display_shape(*np.shape(display)[:2], max_side)
+    display = shrink(np.asarray(display, dtype=np.uint8), shape)
+    lung, opacity = shrink(np.asarray(lung, dtype=bool), shape), shrink(np.asarray(opacity, dtype=bool), shape)
+    rgb = np.repeat(display[..., None], 3, axis=2)
+    rgb[opacity] = OPACITY_BLEND[display[opacity]]
     rgb[outline(lung, width=max(1, max(lung.shape) // 400))] = LUNG_OUTLINE_RGB
     image = Image.fromarray(rgb)
     size = max(12, max(lung.shape) // 40)

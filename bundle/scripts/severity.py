@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scripts.grey_statistics import median, percentiles
 from scripts.lung_sides import split_lungs
 
 # Geographic extent, published bins: the lowest opacity percentage of the lung that scores 1, 2, 3 and 4. A bound
@@ -133,9 +134,9 @@ def opacity_degree(
     if not opacity.any():
         return NO_OPACITY
 
-    opacity_median = float(np.median(image[opacity]))
+    opacity_median = median(image[opacity])
     image_low, image_high = image_percentile_range(image) if image_range is None else image_range
-    clear_median = float(np.median(image[clear_lung])) if clear_lung.any() else math.inf
+    clear_median = median(image[clear_lung]) if clear_lung.any() else math.inf
     if clear_median < image_high:
         dense = (opacity_median - clear_median) / (image_high - clear_median) >= CONSOLIDATION_MIN_RELATIVE_DENSITY
     elif image_high > image_low:
@@ -165,7 +166,7 @@ def density_references(
     box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
     outside = image[box][~lung[box]]
     dark, high = image_percentile_range(image) if image_range is None else image_range
-    soft_tissue = float(np.median(outside)) if outside.size else high
+    soft_tissue = median(outside) if outside.size else high
     return (dark, soft_tissue) if soft_tissue > dark else None
 
 
@@ -187,7 +188,7 @@ def density_features(
         return None, 0.0
     dark, soft_tissue = references
     dense = values >= dark + DENSE_LEVEL * (soft_tissue - dark)
-    density = (float(np.median(values)) - dark) / (soft_tissue - dark)
+    density = (median(values) - dark) / (soft_tissue - dark)
     return round(density, 3), round(_percent(int(dense.sum()), int(lung.sum())), 2)
 
 
@@ -273,8 +274,8 @@ def compute_severity(
 
 def image_percentile_range(image: np.ndarray) -> tuple[float, float]:
     """The image's (p5, p95) intensities, the reference range of the opacity density."""
-    low, high = np.percentile(image, [IMAGE_LOW_PERCENTILE, IMAGE_HIGH_PERCENTILE])
-    return float(low), float(high)
+    low, high = percentiles(image, [IMAGE_LOW_PERCENTILE, IMAGE_HIGH_PERCENTILE])
+    return low, high
 
 
 def _percent(part: int, whole: int) -> float:

@@ -84,7 +84,7 @@ FLUSH_SECONDS = 1.0  # the streamed table is rewritten at most this often (more 
 
 @dataclass
 class _Job:
-    """What the background thread needs for one image, detached from the engine's tensors."""
+    """What a background thread needs for one image, detached from the engine's tensors."""
 
     file: BatchFile
     row: dict
@@ -100,9 +100,9 @@ class SeverityWriter:
     """Write masks, overlays and the severity table of every image an evaluator processes.
 
     Not MONAI's SaveImaged: each image's masks, overlay and table row are written together, atomically, named after
-    the input and resumable, on a background thread.
+    the input and resumable, on background threads.
 
-    The figures and files of each image are computed on a background thread while the network runs on the next
+    The figures and files of each image are computed on background threads while the network runs on the next
     batch; rows still reach the table in input order, and at most ``max_pending`` images wait at a time, so memory
     stays flat however many images a run has.
 
@@ -120,9 +120,12 @@ class SeverityWriter:
             folder (same input size and mtime, outputs present, same model, image size, rules and overlay setting).
         write_images: write the mask and overlay PNGs (the evaluate workflow only needs the table).
         write_overlays: with ``write_images``, also draw and write the overlay PNG (False: masks only, faster).
+        overlay_max_side: the overlay's longest side in pixels (a larger radiograph's overlay is shrunk, aspect kept;
+            None or 0: the radiograph's size). The masks and figures are always computed at full size.
         min_lung_fraction: a prediction whose lung field covers less of the image is reported as "no lung found".
         fail_if_none_ok: raise at the end when no input could be processed, so the command exits non-zero.
-        max_pending: images handed to the background thread and not yet written, at most.
+        max_pending: images handed to the background threads and not yet written, at most.
+        threads: background threads scoring and writing images (2 overlap a PNG write with the next image's figures).
     """
 
     def __init__(
@@ -134,9 +137,11 @@ class SeverityWriter:
         resume: bool | str = False,
         write_images: bool = True,
         write_overlays: bool | str = True,
+        overlay_max_side: int | None = None,
         min_lung_fraction: float = 0.02,
         fail_if_none_ok: bool = True,
         max_pending: int = 4,
+        threads: int = 2,
         pred_key: str = "pred",
         image_key: str = "image",
         display_key: str = "display",
@@ -151,11 +156,15 @@ class SeverityWriter:
         )
         self.write_images = write_images
         self.write_overlays = parse_flag(write_overlays, "write_overlays")
+        self.overlay_max_side = int(overlay_max_side or 0) or None
         if write_images:
             self.settings["write_overlays"] = self.write_overlays
+            if self.write_overlays:
+                self.settings["overlay_max_side"] = self.overlay_max_side
         self.min_lung_fraction = min_lung_fraction
         self.fail_if_none_ok = fail_if_none_ok
         self.max_pending = max(1, int(max_pending))
+        self.threads = max(1, int(threads))
         self.pred_key, self.image_key, self.display_key = pred_key, image_key, display_key
         self.logger = logging.getLogger(self.__class__.__name__)
         self.folder = OutputFolder(output_dir, self.settings, CSV_COLUMNS, write_images)
@@ -192,7 +201,7 @@ class SeverityWriter:
         if not self.folder.is_open:
             self._open_folder(None, resume=False)
         self.folder.begin()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="severity")
+        self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="severity")
         self._next_flush, self._unflushed = 0.0, 0  # the first row goes out at once, then at most once a second
         self._started = True
         self._install_signal_handlers(engine)
@@ -245,7 +254,7 @@ class SeverityWriter:
         return _Job(file, row, warnings, details, classes, grey, spacing, tags)
 
     def _evaluate(self, job: _Job) -> tuple[BatchFile, dict, dict]:
-        """The row of one image: its figures, or the reason it has none (runs on the background thread)."""
+        """The row of one image: its figures, or the reason it has none (runs on a background thread)."""
         row, written = job.row, []
         if not row["message"]:
             try:
@@ -312,7 +321,7 @@ class SeverityWriter:
                 f"opacity {figures['opacity_pct']:.1f}% of lung  "
                 f"(R {figures['right_opacity_pct']:.1f}%  L {figures['left_opacity_pct']:.1f}%)"
             )
-            images["overlay"] = draw_overlay(grey, lung, opacity, caption)
+            images["overlay"] = draw_overlay(grey, lung, opacity, caption, max_side=self.overlay_max_side)
         for kind, pixels in images.items():
             write_png(os.path.join(self.output_dir, file.output(kind)), pixels)
         return [file.output(kind) for kind in images]
