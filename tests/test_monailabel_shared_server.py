@@ -38,10 +38,10 @@ from conftest import BUNDLE, PYTHON, ROOT
 from scripts.labelme import read_labelme
 
 assert monailabel_environment  # the fixture, imported for the server
-# 10 epochs: the round that took a study's lung Dice to 0.41 before the publish gate; 1 epoch: the docs' example
 LABELME = COHEN.parent / "opacity-labelme"
 # the annotator's corrected labels: the LabelMe lung and opacity polygons of two radiographs with opacity
 SHARED_LABELLED = ["B2D20576-00B7-4519-A415-72DE29C90C34.jpeg", "covid-19-pneumonia-rapidly-progressive-3-days.jpg"]
+# 10 epochs: the round that took a study's lung Dice to 0.41 before the publish gate; 1 epoch: the docs' example
 ROUNDS = [{"max_epochs": 10}, {"max_epochs": 1}]
 
 
