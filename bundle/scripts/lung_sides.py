@@ -39,6 +39,17 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not lung.any():
         return np.zeros_like(lung), np.zeros_like(lung)
 
+    # the work is done on the lung's bounding box (the result is the same: outside it there is no lung)
+    rows, columns = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    right_lung, left_lung = np.zeros_like(lung), np.zeros_like(lung)
+    right_lung[box], left_lung[box] = _split_box(lung[box], (lung.shape[1] - 1) / 2 - columns[0])
+    return right_lung, left_lung
+
+
+def _split_box(lung: np.ndarray, centre_column: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_lungs` of a lung mask cropped to its bounding box; ``centre_column``: the image's centre column
+    in the box's columns."""
     components, count = ndimage.label(lung, structure=EIGHT_CONNECTIVITY)
     labels = np.arange(1, count + 1)
     lung_pixels = np.flatnonzero(components)  # row-major indices of the lung pixels only
@@ -49,7 +60,6 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     by_size = labels[np.argsort(-sizes, kind="stable")]
     big = [label for label in by_size if sizes[label - 1] >= MIN_BIG_COMPONENT_FRACTION * sizes.sum()]
     big = big or [by_size[0]]
-    centre_column = (lung.shape[1] - 1) / 2
 
     if len(big) >= 2:
         right_label, left_label = sorted(big[:2], key=lambda label: centroid_columns[label - 1])

@@ -220,6 +220,13 @@ def compute_severity(
         raise NoLungFoundError("no lung field found in the image")
 
     right_lung, left_lung = split_lungs(lung) if lung_sides is None else (np.asarray(side) > 0 for side in lung_sides)
+    image_range = None if image is None else image_percentile_range(image)  # of the whole image
+    # every other figure counts or takes medians of pixels in the lung fields: work on their bounding box
+    lung_fields = lung | right_lung | left_lung
+    rows, columns = np.flatnonzero(lung_fields.any(axis=1)), np.flatnonzero(lung_fields.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    lung, opacity, right_lung, left_lung = (mask[box] for mask in (lung, opacity, right_lung, left_lung))
+    image = None if image is None else image[box]
     lung_area = int(lung.sum())
     opacity_area = int(opacity.sum())
     result = {
@@ -228,7 +235,6 @@ def compute_severity(
         "opacity_pct": round(_percent(opacity_area, lung_area), 2),
     }
     thresholds = PUBLISHED_EXTENT_THRESHOLDS if rules is None else rules.extent_thresholds_pct
-    image_range = None if image is None else image_percentile_range(image)
     references = None if image is None else density_references(image, lung, image_range)
     for side, side_lung in (("right", right_lung), ("left", left_lung)):
         side_area = int(side_lung.sum())
