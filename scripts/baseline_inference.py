@@ -42,6 +42,7 @@ if BUNDLE not in sys.path:
 from scripts.input_gate import assess_input  # noqa: E402
 from scripts.lung_sides import split_lungs  # noqa: E402
 from scripts.overlay import draw_overlay  # noqa: E402
+from scripts.radiograph_io import rgb_to_grey  # noqa: E402
 from scripts.severity import NoLungFoundError, compute_severity  # noqa: E402
 from scripts.severity_calibration import file_sha256, load_calibration  # noqa: E402
 
@@ -53,7 +54,6 @@ OVERLAY_MAX_SIDE = 1024  # as inference.yaml's overlay_max_side: longest side of
 PERCENTILES = (0.5, 99.5)  # intensity scaling of the network input and of the grey display copy
 DISPLAY_SAMPLE = 256  # the display copy's percentiles come from a strided sample of about this many pixels a side
 PNG_COMPRESS_LEVEL = 1  # as the bundle writes its PNGs
-BT601_LUMA = np.float32([0.299, 0.587, 0.114])  # grey of a colour image, as the bundle's reader
 BACKGROUND, OPACITY = 0, 2  # classes of the network: background, lung, opacity
 COLUMNS = [
     "image", "status", "message", "warning", "lung_area_px", "opacity_area_px", "opacity_pct", "right_opacity_pct",
@@ -113,7 +113,7 @@ def read_grey(path: str) -> np.ndarray:
             image = image.convert("RGB")
         pixels = np.asarray(image)
     if pixels.ndim == 3:  # grey + alpha, or colour
-        pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3].astype(np.float32) @ BT601_LUMA
+        pixels = pixels[..., 0] if pixels.shape[2] == 2 else rgb_to_grey(pixels)
     return pixels.astype(np.float32)
 
 

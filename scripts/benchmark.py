@@ -111,13 +111,13 @@ def input_images(folder: str, count: int) -> list[str]:
     return paths
 
 
-def largest_images(folder: str, count: int) -> list[str]:
-    """The ``count`` largest radiographs (by pixels) of ../shared/data/cohen-cxr copied into ``folder``; [] without
-    it."""
+def largest_images(folder: str, count: int) -> dict[str, int]:
+    """The ``count`` largest radiographs (by pixels) of ../shared/data/cohen-cxr copied into ``folder``: {path: pixel
+    count}; {} without it."""
     from PIL import Image
 
     if not os.path.isdir(SHARED_IMAGES):
-        return []
+        return {}
     sizes = {}
     for name in os.listdir(SHARED_IMAGES):
         with Image.open(os.path.join(SHARED_IMAGES, name)) as image:  # reads the header only
@@ -126,14 +126,7 @@ def largest_images(folder: str, count: int) -> list[str]:
     chosen = sorted(sizes, key=lambda name: (-sizes[name], name))[:count]
     for name in chosen:
         shutil.copyfile(os.path.join(SHARED_IMAGES, name), os.path.join(folder, name))
-    return [os.path.join(folder, name) for name in chosen]
-
-
-def pixel_count(path: str) -> int:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size[0] * image.size[1]
+    return {os.path.join(folder, name): sizes[name] for name in chosen}
 
 
 def engine_seconds(log: str, pattern: str) -> float:
@@ -262,11 +255,12 @@ def main(argv=None) -> int:
         figures.update(baseline_inference_runs(os.path.dirname(images[0]), os.path.join(work, "baseline"), args.size))
         largest = largest_images(os.path.join(work, "inputs_largest"), args.largest)
         if largest:
-            figures["largest_megapixels_mean"] = float(np.mean([pixel_count(path) for path in largest])) / 1e6
-            run = bundle_inference(os.path.dirname(largest[0]), os.path.join(work, "outputs_largest"))
+            figures["largest_megapixels_mean"] = float(np.mean(list(largest.values()))) / 1e6
+            folder = os.path.dirname(next(iter(largest)))
+            run = bundle_inference(folder, os.path.join(work, "outputs_largest"))
             figures["largest_bundle_inference_s_per_image"] = run["engine_s"] / len(largest)
             baseline = baseline_inference_runs(
-                os.path.dirname(largest[0]), os.path.join(work, "baseline_largest"), args.size, overlays_only=True
+                folder, os.path.join(work, "baseline_largest"), args.size, overlays_only=True
             )
             figures["largest_baseline_inference_s_per_image"] = baseline["baseline_inference_s_per_image"]
             figures["largest_ratio_bundle_over_baseline"] = (

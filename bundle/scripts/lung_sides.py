@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from scripts.bounding_box import bounding_box
+
 MIN_BIG_COMPONENT_FRACTION = 0.01
 MERGED_MIN_SHARE_PER_SIDE = 0.2
 MIDLINE_SEARCH_RANGE = (0.3, 0.7)
@@ -40,10 +42,9 @@ def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros_like(lung), np.zeros_like(lung)
 
     # the work is done on the lung's bounding box (the result is the same: outside it there is no lung)
-    rows, columns = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    box = bounding_box(lung)
     right_lung, left_lung = np.zeros_like(lung), np.zeros_like(lung)
-    right_lung[box], left_lung[box] = _split_box(lung[box], (lung.shape[1] - 1) / 2 - columns[0])
+    right_lung[box], left_lung[box] = _split_box(lung[box], (lung.shape[1] - 1) / 2 - box[1].start)
     return right_lung, left_lung
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from scripts.bounding_box import bounding_box
+
 LUNG_OUTLINE_RGB = (0, 220, 255)
 OPACITY_FILL_RGB = (255, 60, 40)
 OPACITY_ALPHA = 0.4
@@ -18,15 +20,11 @@ def outline(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of ``mask`` within ``width`` pixels (chessboard distance) of its border."""
     width = max(1, width)
     edge = np.zeros_like(mask, dtype=bool)
-    rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    if len(rows) == 0:
+    box = bounding_box(mask, margin=width)  # beyond the mask's box and this margin the filter sees background only
+    if box is None:
         return edge
-    # the mask's bounding box and a margin of ``width``: beyond it the filter sees background only
-    top, left = max(0, rows[0] - width), max(0, columns[0] - width)
-    bottom, right = rows[-1] + width + 1, columns[-1] + width + 1
-    box = mask[top:bottom, left:right]
-    eroded = ndimage.minimum_filter(box, size=2 * width + 1, mode="constant", cval=False)
-    edge[top:bottom, left:right] = box & ~eroded
+    eroded = ndimage.minimum_filter(mask[box], size=2 * width + 1, mode="constant", cval=False)
+    edge[box] = mask[box] & ~eroded
     return edge
 
 

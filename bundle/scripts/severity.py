@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scripts.bounding_box import bounding_box
 from scripts.grey_statistics import median, percentiles
 from scripts.lung_sides import split_lungs
 
@@ -162,8 +163,7 @@ def density_references(
     when the box holds no such pixel; ``image_range`` is the image's :func:`image_percentile_range`, computed when
     not given. None when the soft tissue is not denser than the dark end (flat image).
     """
-    rows, columns = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    box = bounding_box(lung)
     outside = image[box][~lung[box]]
     dark, high = image_percentile_range(image) if image_range is None else image_range
     soft_tissue = median(outside) if outside.size else high
@@ -222,9 +222,7 @@ def compute_severity(
     right_lung, left_lung = split_lungs(lung) if lung_sides is None else (np.asarray(side) > 0 for side in lung_sides)
     image_range = None if image is None else image_percentile_range(image)  # of the whole image
     # every other figure counts or takes medians of pixels in the lung fields: work on their bounding box
-    lung_fields = lung | right_lung | left_lung
-    rows, columns = np.flatnonzero(lung_fields.any(axis=1)), np.flatnonzero(lung_fields.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    box = bounding_box(lung | right_lung | left_lung)
     lung, opacity, right_lung, left_lung = (mask[box] for mask in (lung, opacity, right_lung, left_lung))
     image = None if image is None else image[box]
     lung_area = int(lung.sum())
