@@ -50,6 +50,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DEFAULT_CHECKPOINT = os.path.join(BUNDLE, "models", "model.pt")
 DEFAULT_CALIBRATION = os.path.join(BUNDLE, "models", "severity_calibration.json")
 MIN_LUNG_FRACTION = 0.02  # as common.yaml's min_lung_fraction
+NETWORK_SIZE = 256  # as common.yaml's image_size: rows = columns of the network input
 OVERLAY_MAX_SIDE = 1024  # as inference.yaml's overlay_max_side: longest side of the overlay
 PERCENTILES = (0.5, 99.5)  # intensity scaling of the network input and of the grey display copy
 DISPLAY_SAMPLE = 256  # the display copy's percentiles come from a strided sample of about this many pixels a side
@@ -214,7 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-overlays", action="store_true", help="write the masks and the table only")
     parser.add_argument("--onnx", help="the exported network (default: export --checkpoint at --size, cached)")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="weights to export when --onnx is not given")
-    parser.add_argument("--size", type=int, default=224, help="network input size of the export (rows = columns)")
+    parser.add_argument(
+        "--size", type=int, default=NETWORK_SIZE, help="network input size of the export (rows = columns)"
+    )
     parser.add_argument("--severity-calibration", default=DEFAULT_CALIBRATION, help="fitted severity constants")
     args = parser.parse_args(argv)
     onnx_path = args.onnx or export_model(args.checkpoint, args.size)

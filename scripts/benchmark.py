@@ -222,10 +222,14 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-count", type=int, default=200, help="radiographs for the peak-memory run")
     parser.add_argument("--largest", type=int, default=20, help="the largest cohen-cxr radiographs, timed apart")
     parser.add_argument("--train-images", type=int, default=48, help="radiographs per training epoch")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, help="network input size (default: the bundle's, common.yaml image_size)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--output", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.size is None:
+        import baseline_inference
+
+        args.size = baseline_inference.NETWORK_SIZE
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = tempfile.mkdtemp(prefix="cxr_benchmark_")

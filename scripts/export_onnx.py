@@ -7,7 +7,7 @@ inference workflow's config files, merged in order). The bundle's inference uses
 it runs on ONNX Runtime (``runtime: onnxruntime``).
 
 Example:
-  python scripts/export_onnx.py --checkpoint bundle/models/model.pt --output outputs/model.onnx --size 224
+  python scripts/export_onnx.py --checkpoint bundle/models/model.pt --output outputs/model.onnx --size 256
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def inference_config_files() -> list[str]:
     return [os.path.join(BUNDLE, "configs", name) for name in INFERENCE_CONFIGS]
 
 
-def network_from_config(config_files: list[str]) -> torch.nn.Module:
-    """A new instance of the merged configs' ``network_def`` (random weights)."""
+def network_from_config(config_files: list[str]) -> tuple[torch.nn.Module, int]:
+    """A new instance of the merged configs' ``network_def`` (random weights) and their ``image_size`` (rows)."""
     parser = ConfigParser()
     parser.read_config(config_files)
-    return parser.get_parsed_content("network_def")
+    return parser.get_parsed_content("network_def"), int(parser.get_parsed_content("image_size")[0])
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
         "--checkpoint", default="bundle/models/model.pt", help="shipped weights or a training checkpoint"
     )
     parser.add_argument("--output", required=True, help="the .onnx file to write (an existing file is refused)")
-    parser.add_argument("--size", type=int, default=224, help="image rows and columns the model is exported for")
+    parser.add_argument(
+        "--size", type=int, help="image rows = columns of the export (default: the configs' image_size)"
+    )
     parser.add_argument(
         "--configs", nargs="+", default=inference_config_files(),
         help="config files merged in order that define network_def (default: the bundle's inference configs)",
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.path.exists(args.output):
         parser.error(f"{args.output} exists; give another --output (nothing is overwritten)")
-    network = network_from_config(args.configs)
+    network, config_size = network_from_config(args.configs)
+    args.size = args.size or config_size
     weights = state_dict_of(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     network.load_state_dict({key: value.float() for key, value in weights.items()})
     export_onnx(network, args.output, shape=(1, args.size, args.size))

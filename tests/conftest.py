@@ -27,6 +27,13 @@ PYTHON = sys.executable
 PHANTOM_IMAGE_SIZE = 64  # the phantom model trains and infers at 64x64 to keep the suite fast on a CPU
 
 
+def bundle_image_size() -> int:
+    """The shipped weights' network input size (rows = columns), common.yaml's ``image_size``."""
+    import yaml
+
+    return int(yaml.safe_load((BUNDLE / "configs" / "common.yaml").read_text())["image_size"][0])
+
+
 # the config files of each workflow, merged in this order
 WORKFLOW_CONFIGS = {
     "training": ("common.yaml", "train.yaml"),

@@ -11,11 +11,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, config_paths, run_bundle
+from conftest import BUNDLE, bundle_image_size, config_paths, run_bundle
 
 SHIPPED_WEIGHTS = BUNDLE / "models" / "model.pt"
 SAMPLE_RADIOGRAPH = BUNDLE / "docs" / "samples" / "7afaaccc.jpg"
 TOLERANCE = 1e-3  # max abs logit difference
+SIZE = bundle_image_size()  # the network input size of the shipped weights
 
 
 def inference_parser() -> ConfigParser:
@@ -26,12 +27,12 @@ def inference_parser() -> ConfigParser:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    """(3, 1, 224, 224): a sample radiograph through the bundle's preprocessing, a phantom, uniform noise."""
+    """(3, 1, SIZE, SIZE): a sample radiograph through the bundle's preprocessing, a phantom, uniform noise."""
     import phantoms
 
     radiograph = inference_parser().get_parsed_content("preprocessing")({"image": str(SAMPLE_RADIOGRAPH)})["image"]
-    phantom = torch.from_numpy(phantoms.make_phantom(rows=224, columns=224, seed=3).image)[None]
-    noise = torch.rand(1, 224, 224, generator=torch.Generator().manual_seed(0))
+    phantom = torch.from_numpy(phantoms.make_phantom(rows=SIZE, columns=SIZE, seed=3).image)[None]
+    noise = torch.rand(1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     return torch.stack([torch.from_numpy(np.asarray(radiograph, dtype=np.float32)), phantom, noise])
 
 
@@ -59,18 +60,19 @@ def test_ckpt_export_writes_a_torchscript_model_with_the_pytorch_outputs(images,
     assert b'"version"' in extra_files["metadata.json"] and all(extra_files.values())
     with torch.no_grad():
         exported = model(images).numpy()
-    assert exported.shape == (3, 3, 224, 224)
+    assert exported.shape == (3, 3, SIZE, SIZE)
     assert np.abs(exported - pytorch_logits).max(axis=(1, 2, 3)).tolist() == pytest.approx([0, 0, 0], abs=TOLERANCE)
 
 
 def test_export_onnx_script_writes_a_model_with_the_pytorch_outputs(images, pytorch_logits, tmp_path):
-    """scripts/export_onnx.py (network from the bundle config) writes ONNX whose ONNX Runtime logits equal PyTorch's."""
+    """scripts/export_onnx.py (network and, by default, size from the bundle config) writes ONNX whose ONNX Runtime
+    logits equal PyTorch's."""
     import export_onnx
     import onnxruntime
 
     path = tmp_path / "model.onnx"
-    assert export_onnx.main(["--checkpoint", str(SHIPPED_WEIGHTS), "--output", str(path), "--size", "224"]) == 0
+    assert export_onnx.main(["--checkpoint", str(SHIPPED_WEIGHTS), "--output", str(path)]) == 0
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     exported = np.concatenate([session.run(["logits"], {"image": image[None].numpy()})[0] for image in images])
-    assert exported.shape == (3, 3, 224, 224)
+    assert exported.shape == (3, 3, SIZE, SIZE)
     assert np.abs(exported - pytorch_logits).max(axis=(1, 2, 3)).tolist() == pytest.approx([0, 0, 0], abs=TOLERANCE)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import phantoms
-from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, PYTHON, ROOT, config_files
+from conftest import BUNDLE, PHANTOM_IMAGE_SIZE, PYTHON, ROOT, bundle_image_size, config_files
 
 ROWS, COLUMNS = 200, 240
 ROUND_TIMEOUT_S = 600
@@ -307,7 +307,7 @@ def test_shared_retraining_on_two_labels_never_lowers_the_lung_dice_of_other_stu
     corrected = {name: np.where(lung_mask(name), np.where(proposals[name] == 2, 2, 1), 0) for name in SHARED_LABELLED}
     data = write_round_data(tmp_path / "round", studies, corrected)
 
-    run_round(served, data, "round_1", "--num_epochs", "10", image_size=224)
+    run_round(served, data, "round_1", "--num_epochs", "10", image_size=bundle_image_size())
 
     entry = record(served)
     assert entry["decision"] in ("published", "kept") and entry["reference"]["unlabelled"] == sorted(SHARED_OTHERS)

@@ -71,7 +71,7 @@ HELD_OUT_IMAGES = [
     "11547_2020_1202_Fig1_HTML-b.png", "289cb15b.jpg", "701_2020_4374_Fig2_HTML.png", "730a0b8f.jpg", "7c0d0e1d.jpg",
     "8da14fff.jpg", "90986ce4.jpg", "9eca9ade.jpg",
 ]  # fmt: skip
-SHIPPED_LUNG_DICE_FLOOR = 0.93  # measured 0.957 (lowest image 0.932) with the shipped weights
+SHIPPED_LUNG_DICE_FLOOR = 0.93  # the shipped 0.6.0 weights: 0.962 (lowest image 0.939); 0.4.0: 0.959 (0.934)
 
 
 def test_shared_shipped_weights_segment_held_out_lungs(shared_data, tmp_path):
@@ -100,10 +100,11 @@ def test_shared_shipped_weights_segment_held_out_lungs(shared_data, tmp_path):
 
 
 QUEX = SHARED / "covid-qu-ex"
-# measured with the shipped 0.4.0 weights: opacity Dice 0.642 on these 32 COVID-19 images, predicted opacity 4.74 % of
-# the lung on average on the 16 normals (0.3.0 weights: 0.417 and 15.4 %)
-QUEX_COVID_DICE_FLOOR = 0.60
-QUEX_NORMAL_OPACITY_PCT_CEILING = 7.0
+# measured with the shipped 0.6.0 weights: opacity Dice 0.671 on these 32 COVID-19 images, predicted opacity 3.23 % of
+# the lung on average on the 16 normals (0.4.0 weights: 0.642 and 4.74 %, which these bounds refuse; 0.3.0: 0.417 and
+# 15.4 %)
+QUEX_COVID_DICE_FLOOR = 0.65
+QUEX_NORMAL_OPACITY_PCT_CEILING = 4.0
 
 
 def quex_validation_subset(count: int, image_class: str) -> list[str]:

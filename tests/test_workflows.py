@@ -16,6 +16,7 @@ from conftest import (
     PYTHON,
     ROOT,
     bundle_command,
+    bundle_image_size,
     config_files,
     config_paths,
     run_bundle,
@@ -39,7 +40,8 @@ def test_train_config_instantiates_trainer_and_evaluator(prepared_phantoms, tmp_
     assert len(trainer.data_loader.dataset) > 0 and len(evaluator.data_loader.dataset) > 0
     assert parser.get_parsed_content("network").encoder.__class__.__name__ == "ResNetEncoder"
     batch = next(iter(trainer.data_loader))
-    assert batch["image"].shape[1:] == (1, 224, 224) and batch["label"].shape[1:] == (1, 224, 224)
+    size = bundle_image_size()
+    assert batch["image"].shape[1:] == (1, size, size) and batch["label"].shape[1:] == (1, size, size)
     assert set(torch.unique(batch["label"]).tolist()) <= {0, 1, 2, 3}
 
 
@@ -48,7 +50,7 @@ def test_inference_and_evaluate_configs_instantiate(prepared_phantoms, tmp_path)
     assert len(inference.get_parsed_content("evaluator").data_loader.dataset) == 3
     evaluate = parser_for("evaluate", dataset_dir=str(prepared_phantoms), output_dir=str(tmp_path))
     item = evaluate.get_parsed_content("dataset")[0]
-    assert item["image"].shape[1:] == (224, 224)
+    assert item["image"].shape[1:] == (bundle_image_size(),) * 2
     assert item["label"].shape[1:] == item["display"].shape[1:] == tuple(item["image"].meta["original_shape"])
 
 

@@ -19,6 +19,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.utils import min_version, optional_import
 
+from scripts.host_array import host_array
 from scripts.label_io import atomic_write, write_json
 from scripts.labels import BACKGROUND, LUNG_UNANNOTATED, OPACITY
 from scripts.severity import NoLungFoundError, compute_severity
@@ -97,9 +98,9 @@ class MetricsWriter:
 
     def iteration_completed(self, engine) -> None:
         for index, item in enumerate(engine.state.output):  # the evaluator's output keeps image, label and pred only
-            predicted = np.asarray(item[self.pred_key])[0].astype(np.uint8)
+            predicted = host_array(item[self.pred_key])[0].astype(np.uint8)
             rows, columns = predicted.shape
-            labels = np.asarray(item[self.label_key])[0, :rows, :columns].astype(np.uint8)  # batches pad at the end
+            labels = host_array(item[self.label_key])[0, :rows, :columns].astype(np.uint8)  # batches pad at the end
             name = os.path.basename(str(item[self.image_key].meta["filename_or_obj"]))
             source = str(engine.state.batch[index].get("source", ""))
             self.rows.append(image_row(name, predicted, labels, source))

@@ -1,6 +1,6 @@
 """Cap what training runs leave in a runs folder (e.g. a served bundle's ``runs/``, one run per retraining round).
 
-A run folder holds its trainer checkpoints (weights, optimizer and scheduler state, ~80 MB each at 224 px), the final
+A run folder holds its trainer checkpoints (weights, optimizer and scheduler state, ~80 MB each), the final
 checkpoint and ``model.pt`` (~300 MB in all), its log and small records. Once a newer run has completed, an older
 run's weights are of no further use where every published model is kept beside the served weights
 (:mod:`scripts.published_weights`), so :class:`RunsCap` removes them and keeps the logs.

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from monai.utils import min_version, optional_import
 
+from scripts.host_array import host_array
 from scripts.inference_inputs import parse_flag
 from scripts.input_gate import InputRefusedError, assess_input
 from scripts.label_io import write_png
@@ -243,10 +244,10 @@ class SeverityWriter:
         details = {"spacing_source": str(meta.get("spacing_source", "") or "")}
         if file.stamp is not None:
             details.update(input_size=file.stamp[0], input_mtime_ns=file.stamp[1])
-        classes = np.asarray(class_map)
+        classes = host_array(class_map)  # on the network's device (CUDA) when the postprocessing ran there
         classes = classes.reshape(classes.shape[-2:]).astype(np.uint8)
         rows, columns = classes.shape
-        grey = None if display is None else np.asarray(display)[0, :rows, :columns].copy()
+        grey = None if display is None else host_array(display)[0, :rows, :columns].copy()
         spacing = tuple(float(value) for value in meta.get("spacing_mm", (math.nan, math.nan)))
         if not row["message"] and self.write_images and not file.owns_folder:
             row["message"] = f"{path}: another input of this run already writes outputs for the name {file.folder!r}"

@@ -8,21 +8,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from scripts.host_array import host_array
 from scripts.labels import BACKGROUND, OPACITY
 from scripts.overlay import draw_overlay
-
-
-def _array(value) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
 
 
 def validation_overlay(item: Mapping, epoch: int, min_size: int = 256) -> tuple[str, np.ndarray]:
     """(file stem, RGB image) of one validation output (``image``, class maps ``pred`` and ``label``): the prediction
     overlay (lung outline, opacity fill) left, the label's right, enlarged to at least ``min_size`` pixels."""
     image, predicted, label = (
-        _array(item["image"])[0],
-        np.rint(_array(item["pred"]))[0],
-        np.rint(_array(item["label"]))[0],
+        host_array(item["image"])[0],
+        np.rint(host_array(item["pred"]))[0],
+        np.rint(host_array(item["label"]))[0],
     )
     scale = max(1, math.ceil(min_size / max(image.shape)))
     grow = lambda array: np.kron(array, np.ones((scale, scale), dtype=array.dtype))  # noqa: E731
