@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Copy a prepared dataset (datalist.json from prepare_data.py) at the network's input size, once.
 
-Each radiograph is read as training reads it (scripts.radiograph_io: viewer orientation, DICOM grey levels), resized
-to SIZE x SIZE by area averaging (as the network input is) and scaled by its 0.5-99.5 percentiles into an 8-bit
-greyscale JPEG; each label map is resized by nearest neighbour into a PNG. The copy's datalist.json has the same rows
+Each row goes through training's own deterministic transforms at SIZE x SIZE (train.yaml: the radiograph read in
+viewer orientation, resized by area averaging and scaled by its 0.5-99.5 percentiles, kept as an 8-bit greyscale
+JPEG; the label map resized by nearest neighbour, kept as a PNG). The copy's datalist.json has the same rows
 (every field kept) with relative paths, so training reads small files: an epoch no longer decodes full-size
 radiographs, caching starts in seconds, and a whole dataset fits in a few tens of MB (e.g. to carry to a GPU
 machine). Training on the copy with --image_size [SIZE, SIZE] sees the images it would see on the originals, up to
@@ -20,69 +20,63 @@ Example:
 from __future__ import annotations
 
 import argparse
-import io
+import functools
 import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
+BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle")
+sys.path.insert(0, BUNDLE)
 
-from scripts.label_io import atomic_write, read_label_map, write_json, write_png  # noqa: E402
-from scripts.radiograph_io import read_radiograph  # noqa: E402
-
-PERCENTILES = (0.5, 99.5)  # those of the network input's intensity scaling (configs/common.yaml)
+from scripts.label_io import atomic_write, write_json, write_png  # noqa: E402
 
 
-def resized_image(path: str, size: int) -> np.ndarray:
-    """The radiograph at ``size`` x ``size`` (area averaging), scaled by its percentiles to uint8."""
-    pixels = torch.from_numpy(np.ascontiguousarray(read_radiograph(path).pixels, dtype=np.float32))
-    small = F.interpolate(pixels[None, None], size=(size, size), mode="area")[0, 0].numpy()
-    low, high = np.percentile(small, PERCENTILES)
-    scaled = np.clip((small - low) / max(float(high - low), 1e-6), 0.0, 1.0)
-    return np.rint(scaled * 255.0).astype(np.uint8)
+@functools.lru_cache(maxsize=1)
+def training_transforms(size: int) -> dict:
+    """Training's own deterministic transforms at ``size`` x ``size`` (configs/common.yaml and train.yaml): for the
+    ``image``, the radiograph loader and the network input; for the ``label``, the label-map loader and its resize."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
 
-
-def resized_labels(path: str, size: int) -> np.ndarray:
-    """The label map at ``size`` x ``size`` (nearest neighbour, as training resizes labels)."""
-    labels = torch.from_numpy(read_label_map(path).astype(np.float32))
-    return F.interpolate(labels[None, None], size=(size, size), mode="nearest")[0, 0].numpy().astype(np.uint8)
+    parser = ConfigParser()
+    parser.read_config([os.path.join(BUNDLE, "configs", name) for name in ("common.yaml", "train.yaml")])
+    parser.update({"bundle_root": BUNDLE, "image_size": [size, size]})
+    image = [parser.get_parsed_content("load_radiograph"), *parser.get_parsed_content("network_input")]
+    label = [parser.get_parsed_content("load_label_map"), parser.get_parsed_content("train#resize_label")]
+    return {"image": Compose(image), "label": Compose(label)}
 
 
 def write_jpeg(path: str, pixels: np.ndarray, quality: int) -> None:
     """Write a (rows, columns) uint8 array as a greyscale JPEG, atomically."""
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=quality)
-    atomic_write(path, lambda temporary: open(temporary, "wb").write(buffer.getvalue()))
+    atomic_write(path, lambda temporary: Image.fromarray(pixels, mode="L").save(temporary, "JPEG", quality=quality))
 
 
 def copy_row(row: dict, dataset: str, output: str, size: int, quality: int) -> tuple[dict | None, str]:
     """The row of the copy (None and the reason when a file cannot be read); writes its image and label map."""
     folder = row.get("source", "other")
     stem = row.get("stem") or os.path.splitext(os.path.basename(row["image"]))[0]
-    copied = dict(row)
     targets = {"image": os.path.join("images", folder, f"{stem}.jpg")}
     if "label" in row:
         targets["label"] = os.path.join("labels", folder, f"{stem}.png")
     try:
         for key, relative in targets.items():
-            source = row[key] if os.path.isabs(row[key]) else os.path.join(dataset, row[key])
             target = os.path.join(output, relative)
-            if not os.path.exists(target):
-                if key == "image":
-                    write_jpeg(target, resized_image(source, size), quality)
-                else:
-                    write_png(target, resized_labels(source, size), compress_level=9)
-            copied[key] = relative
+            if os.path.exists(target):
+                continue
+            source = os.path.join(dataset, row[key])  # an absolute path stays as it is
+            values = np.asarray(training_transforms(size)[key]({key: source})[key][0])
+            if key == "image":  # the network input, 0-1
+                write_jpeg(target, np.rint(values * 255.0).astype(np.uint8), quality)
+            else:
+                write_png(target, values.astype(np.uint8), compress_level=9)
     except Exception as error:  # noqa: BLE001 - a bad file is reported by name and its row left out
         return None, f"{row.get('image')}: {error}"
-    return copied, ""
+    return {**row, **targets}, ""
 
 
 def main(argv=None) -> int:
@@ -106,12 +100,10 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         for key in args.keys:
             rows = datalist[key]
-            results = pool.map(
-                copy_row,
-                rows,
-                *zip(*[(args.dataset, args.output, args.size, args.jpeg_quality)] * len(rows)),
-                chunksize=16,
+            copy_one = functools.partial(
+                copy_row, dataset=args.dataset, output=args.output, size=args.size, quality=args.jpeg_quality
             )
+            results = pool.map(copy_one, rows, chunksize=16)
             copy[key] = []
             for row, error in results:
                 if row is None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import phantoms
-from conftest import PHANTOM_IMAGE_SIZE, ROOT, bundle_image_size, config_files, run_bundle
+from conftest import PHANTOM_IMAGE_SIZE, ROOT, config_files, run_bundle
 
 # (file name, rows, columns): 16-bit grey PNG, 8-bit RGB PNG, JPEG, none of them square, so a transposed mask fails
 PHANTOM_FILES = (("a_png16.png", 200, 240), ("b_rgb.png", 240, 200), ("c_jpeg.jpg", 180, 260))
@@ -110,6 +110,6 @@ def test_defaults_are_the_bundles():
 
     common = yaml.safe_load((ROOT / "bundle" / "configs" / "common.yaml").read_text())
     inference = yaml.safe_load((ROOT / "bundle" / "configs" / "inference.yaml").read_text())
-    assert baseline_inference.NETWORK_SIZE == bundle_image_size()
+    assert baseline_inference.NETWORK_SIZE == common["image_size"][0] == common["image_size"][1]
     assert baseline_inference.MIN_LUNG_FRACTION == common["min_lung_fraction"]
     assert baseline_inference.OVERLAY_MAX_SIDE == inference["overlay_max_side"]
