@@ -6,11 +6,12 @@ percentages and density features; the fit runs no network), the radiologists' sc
 ``geographic_extent``, ``opacity``, as ``cohen-cxr/severity_scores.csv``) and a metadata CSV with ``filename`` and
 ``patientid``. Rows whose status is not ok are skipped and listed by name.
 
-The rules (``scripts/severity.py``): per lung, extent = the number of 4 opacity-percentage thresholds reached (0 % is
-always 0); opacity degree = 0 for a lung of extent 0, else 1 + (opacity density >= a threshold) + (dense opacity %
->= a threshold). Each threshold is fitted to minimise the mean absolute error of the image's score (the sum over
-both lungs) by coordinate descent over the midpoints between observed values (single constants, then pairs), extent
-first, from the published bins. Deterministic.
+The rules (``scripts/severity.py``): per lung, extent = the number of 4 thresholds that the extent measure (opacity %
++ w x dense opacity %) reaches (0 % opacity is always 0); opacity degree = 0 for a lung of extent 0, else 1 + (opacity
+density >= a threshold) + (dense opacity % >= a threshold). Each threshold is fitted to minimise the mean absolute
+error of the image's score (the sum over both lungs) by coordinate descent over the midpoints between observed
+values (single constants, then pairs), extent first, from the published bins; the weight w is the one of
+``DENSE_WEIGHTS`` whose fitted thresholds give the least extent error on the images fitted. Deterministic.
 
 The figures are K-fold cross-validated by patient: all images of a patient lie in one fold, and each fold is scored
 by constants fitted on the other folds only, beside a constant guess (the mean score of the other folds). The
@@ -47,11 +48,14 @@ from scripts.severity import (  # noqa: E402
     PUBLISHED_EXTENT_THRESHOLDS,
     SeverityRules,
     calibrated_degrees,
+    extent_measure,
     extent_scores,
 )
 from scripts.severity_calibration import calibration_content  # noqa: E402
 
 LUNG_FEATURES = ("opacity_pct", "opacity_density", "dense_opacity_pct")  # right_<name> and left_<name> columns
+# weights of the dense opacity % in the extent measure that the fit tries (0: the opacity % alone)
+DENSE_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 MAX_SWEEPS = 20
 TOLERANCE = 1e-9  # errors closer than this are ties
 DECIMALS = 4  # of the fitted constants; they lie halfway between values given with at most 3 decimals
@@ -118,7 +122,8 @@ def load_scored_images(severity_csv: str, scores_csv: str, metadata_csv: str) ->
 
 def predict(features: dict[str, np.ndarray], rules: SeverityRules) -> dict[str, np.ndarray]:
     """Image scores (sums over both lungs) by the rules of ``scripts/severity.py``."""
-    extent = extent_scores(features["opacity_pct"], rules.extent_thresholds_pct)
+    measure = extent_measure(features["opacity_pct"], features["dense_opacity_pct"], rules.extent_dense_weight)
+    extent = extent_scores(measure, rules.extent_thresholds_pct)
     degrees = calibrated_degrees(
         extent, features["opacity_density"], features["dense_opacity_pct"],
         rules.consolidation_min_density, rules.white_out_min_dense_pct,
@@ -130,12 +135,10 @@ def fit_rules(images: ScoredImages) -> SeverityRules:
     """Constants that minimise the mean absolute error of extent, then of the opacity score, over ``images``."""
     percent, density = images.features["opacity_pct"], images.features["opacity_density"]
     dense_pct = images.features["dense_opacity_pct"]
-
-    def extent_error(thresholds: list) -> np.ndarray:
-        return _mae(extent_scores(percent, thresholds).sum(axis=-1), images.targets["geographic_extent"])
-
-    thresholds = sorted(descend(list(PUBLISHED_EXTENT_THRESHOLDS), [candidates(percent)] * 4, extent_error))
-    extent = extent_scores(percent, thresholds)
+    fits = [fit_extent(extent_measure(percent, dense_pct, weight), images) + (weight,) for weight in DENSE_WEIGHTS]
+    least_error = min(error for error, _, _ in fits)
+    _, thresholds, dense_weight = next(fit for fit in fits if fit[0] <= least_error + TOLERANCE)  # the lowest weight
+    extent = extent_scores(extent_measure(percent, dense_pct, dense_weight), thresholds)
 
     def opacity_error(constants: list) -> np.ndarray:
         degrees = calibrated_degrees(extent, density, dense_pct, *constants)
@@ -145,7 +148,17 @@ def fit_rules(images: ScoredImages) -> SeverityRules:
     options = [candidates(density[involved]), candidates(dense_pct[involved])]
     degree_constants = descend([DENSE_LEVEL, 50.0], options, opacity_error)
     rounded = [round(float(value), DECIMALS) for value in (*thresholds, *degree_constants)]
-    return SeverityRules(tuple(rounded[:4]), *rounded[4:])
+    return SeverityRules(tuple(rounded[:4]), *rounded[4:], extent_dense_weight=dense_weight)
+
+
+def fit_extent(measure: np.ndarray, images: ScoredImages) -> tuple[float, list[float]]:
+    """(mean absolute error, thresholds) of the extent thresholds fitted on the per-lung ``measure`` of ``images``."""
+
+    def extent_error(thresholds: list) -> np.ndarray:
+        return _mae(extent_scores(measure, thresholds).sum(axis=-1), images.targets["geographic_extent"])
+
+    thresholds = sorted(descend(list(PUBLISHED_EXTENT_THRESHOLDS), [candidates(measure)] * 4, extent_error))
+    return float(extent_error(thresholds)), thresholds
 
 
 def candidates(values: np.ndarray) -> np.ndarray:

@@ -226,6 +226,24 @@ def test_fitted_rules_score_extent_and_degree():
     assert [fitted[key] for key in measurements] == [published[key] for key in measurements]  # rules change scores only
 
 
+def test_extent_weighs_dense_opacity_when_the_rules_say_so():
+    right, left, opacity, image = dense_right_faint_left()  # right: 25 % opacity, all dense; left: 100 %, faint
+    lung = right | left
+    weighted = SeverityRules((10.0, 60.0, 100.0, 200.0), 0.5, 20.0, extent_dense_weight=2.0)
+    result = compute_severity(lung, opacity, image=image, rules=weighted)
+    # extent measure: right 25 + 2 x 25 = 75 (reaches 10 and 60), left 100 + 2 x 0 = 100 (reaches 10, 60 and 100)
+    assert (result["right_extent"], result["left_extent"], result["geographic_extent"]) == (2, 3, 5)
+    unweighted = compute_severity(
+        lung, opacity, image=image, rules=SeverityRules((10.0, 60.0, 100.0, 200.0), 0.5, 20.0)
+    )
+    assert (unweighted["right_extent"], unweighted["left_extent"]) == (1, 3)
+    no_image = compute_severity(lung, opacity, rules=weighted)  # no dense opacity %: no extent rather than a guess
+    assert no_image["geographic_extent"] is None and no_image["right_extent"] is None
+    assert no_image["opacity_score"] is None and no_image["opacity_pct"] == result["opacity_pct"]
+    with pytest.raises(ValueError, match="weight"):
+        SeverityRules((10.0, 60.0, 100.0, 200.0), 0.5, 20.0, extent_dense_weight=-1.0)
+
+
 def test_density_measured_when_no_clear_lung_is_left():
     right, left = lung_masks()
     lung = right | left

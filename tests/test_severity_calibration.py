@@ -46,6 +46,18 @@ def test_fit_recovers_known_constants():
     for column, values in predict(images.features, fitted).items():
         np.testing.assert_array_equal(values, images.targets[column])
     assert fit_rules(images) == fitted  # deterministic
+    assert fitted.extent_dense_weight == 0.0  # extent follows the opacity % alone here: no weight is chosen
+
+
+def test_fit_finds_the_weight_of_dense_opacity_in_the_extent():
+    rules = SeverityRules((20.0, 90.0, 160.0, 230.0), 0.45, 35.0, extent_dense_weight=2.0)
+    images = synthetic_images(200, rules, seed=3)
+    fitted = fit_rules(images)
+    assert fitted.extent_dense_weight == 2.0
+    assert fitted.extent_thresholds_pct == pytest.approx(rules.extent_thresholds_pct, abs=4.0)
+    np.testing.assert_array_equal(
+        predict(images.features, fitted)["geographic_extent"], images.targets["geographic_extent"]
+    )
 
 
 def test_patient_folds_keep_each_patient_in_one_fold():

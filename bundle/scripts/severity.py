@@ -2,7 +2,8 @@
 
 Per lung (patient's right and left, see :mod:`scripts.lung_sides`):
 
-* geographic extent 0-4 from the percentage of the lung covered by opacity (:func:`extent_scores`);
+* geographic extent 0-4 from the percentage of the lung covered by opacity (:func:`extent_scores`), with fitted
+  :class:`SeverityRules` from that percentage plus a weighted percentage of dense opacity (:func:`extent_measure`);
 * opacity degree 0-3 from how dense the opacity is on the radiograph: with :class:`SeverityRules` fitted against
   radiologists (``models/severity_calibration.json``, :mod:`scripts.severity_calibration`) from the density features
   of :func:`density_features` (:func:`calibrated_degrees`), else by the hand-set rule of :func:`opacity_degree`.
@@ -50,14 +51,17 @@ class NoLungFoundError(ValueError):
 class SeverityRules:
     """Constants of the fitted score rules (see :func:`extent_scores` and :func:`calibrated_degrees`).
 
-    ``extent_thresholds_pct``: the lowest opacity percentage of a lung that scores extent 1, 2, 3 and 4;
+    ``extent_thresholds_pct``: the lowest :func:`extent_measure` of a lung that scores extent 1, 2, 3 and 4;
     ``consolidation_min_density``: relative density of the opacity from which it counts as consolidation;
-    ``white_out_min_dense_pct``: percentage of the lung covered by dense opacity from which it counts as white-out.
+    ``white_out_min_dense_pct``: percentage of the lung covered by dense opacity from which it counts as white-out;
+    ``extent_dense_weight``: weight of the dense opacity % in :func:`extent_measure` (0: the opacity % alone, as the
+    published bins; calibration files written before 0.6.1 have none).
     """
 
     extent_thresholds_pct: tuple[float, float, float, float]
     consolidation_min_density: float
     white_out_min_dense_pct: float
+    extent_dense_weight: float = 0.0
 
     def __post_init__(self):
         thresholds = tuple(float(value) for value in self.extent_thresholds_pct)
@@ -65,6 +69,10 @@ class SeverityRules:
             raise ValueError(f"extent thresholds must be 4 finite increasing percentages, got {thresholds}")
         if not (math.isfinite(self.consolidation_min_density) and math.isfinite(self.white_out_min_dense_pct)):
             raise ValueError("the consolidation and white-out thresholds must be finite numbers")
+        if not (math.isfinite(self.extent_dense_weight) and self.extent_dense_weight >= 0):
+            raise ValueError(
+                f"the extent's dense-opacity weight must be a finite number >= 0, got {self.extent_dense_weight}"
+            )
         object.__setattr__(self, "extent_thresholds_pct", thresholds)
 
 
@@ -79,11 +87,38 @@ def extent_scores(percent, thresholds=PUBLISHED_EXTENT_THRESHOLDS) -> np.ndarray
     return np.where(percent > 0, reached, 0)
 
 
+def extent_measure(opacity_pct, dense_opacity_pct, dense_weight: float) -> np.ndarray:
+    """What the fitted extent thresholds apply to, per lung: opacity % + ``dense_weight`` x dense opacity %.
+
+    Radiologists' extent follows how much of the lung is dense better than the opacity mask alone does (on the scored
+    cohen-cxr images, bundle README); ``dense_weight`` 0 is the opacity % alone. NaN where the dense opacity % is
+    unknown (None or NaN) and the weight is not 0.
+    """
+    percent = np.asarray(opacity_pct, dtype=float)
+    if dense_weight == 0:
+        return percent
+    return percent + dense_weight * np.asarray(dense_opacity_pct, dtype=float)
+
+
 def extent_score(percent: float, thresholds=PUBLISHED_EXTENT_THRESHOLDS) -> int:
     """Cohen geographic extent 0-4 of one lung from the percentage (0-100) of it covered by opacity."""
     if not 0.0 <= percent <= 100.0:  # also rejects NaN
         raise ValueError(f"opacity percentage must lie in [0, 100], got {percent}")
     return int(extent_scores(percent, thresholds))
+
+
+def side_extent(percent: float, dense_pct: float | None, rules: SeverityRules | None) -> int | None:
+    """Extent 0-4 of one lung from its opacity % (unrounded) and dense opacity %: published bins without ``rules``,
+    else the fitted thresholds on :func:`extent_measure`; None when the rules need the dense opacity % and it is
+    unknown (no image, or no density reference on a flat image)."""
+    if rules is None:
+        return extent_score(percent)
+    if dense_pct is None and rules.extent_dense_weight:
+        return None
+    extent_score(percent)  # validates the percentage
+    return int(
+        extent_scores(extent_measure(percent, dense_pct, rules.extent_dense_weight), rules.extent_thresholds_pct)
+    )
 
 
 def calibrated_degrees(
@@ -205,9 +240,11 @@ def compute_severity(
     ``> 0`` counts as set; opacity outside the lung is ignored. Percentages are rounded to 2 decimals; extents are
     scored from the unrounded percentages, with ``rules`` (fitted) when given, else with the published bins and the
     hand-set density rule of :func:`opacity_degree`. Density features, opacity degrees and ``opacity_score`` are
-    None without ``image``; ``*_cm2`` areas (rounded to 2 decimals) are None without ``spacing_mm`` = (row spacing,
-    column spacing) in mm. ``lung_sides``: the (right, left) split of the lung mask when the caller already has it
-    (:func:`scripts.lung_sides.split_lungs`). Raises :class:`NoLungFoundError` when the lung mask is empty.
+    None without ``image``; so are the extents and both scores when ``rules`` weigh dense opacity and it cannot be
+    measured (see :func:`side_extent`). ``*_cm2`` areas (rounded to 2 decimals) are None without ``spacing_mm`` =
+    (row spacing, column spacing) in mm. ``lung_sides``: the (right, left) split of the lung mask when the caller
+    already has it (:func:`scripts.lung_sides.split_lungs`). Raises :class:`NoLungFoundError` when the lung mask is
+    empty.
     """
     lung = np.asarray(lung_mask) > 0
     opacity = (np.asarray(opacity_mask) > 0) & lung
@@ -232,19 +269,18 @@ def compute_severity(
         "opacity_area_px": opacity_area,
         "opacity_pct": round(_percent(opacity_area, lung_area), 2),
     }
-    thresholds = PUBLISHED_EXTENT_THRESHOLDS if rules is None else rules.extent_thresholds_pct
     references = None if image is None else density_references(image, lung, image_range)
     for side, side_lung in (("right", right_lung), ("left", left_lung)):
         side_area = int(side_lung.sum())
         side_percent = _percent(int((opacity & side_lung).sum()), side_area)
+        density, dense_pct = (None, None) if image is None else density_features(image, side_lung, opacity, references)
         result[f"{side}_lung_area_px"] = side_area
         result[f"{side}_opacity_pct"] = round(side_percent, 2)
-        result[f"{side}_extent"] = extent_score(side_percent, thresholds)
-        density, dense_pct = (None, None) if image is None else density_features(image, side_lung, opacity, references)
+        result[f"{side}_extent"] = side_extent(side_percent, dense_pct, rules)
         result.update({f"{side}_opacity_density": density, f"{side}_dense_opacity_pct": dense_pct})
-    result["geographic_extent"] = result["right_extent"] + result["left_extent"]
-
-    if image is None:
+    extents = (result["right_extent"], result["left_extent"])
+    result["geographic_extent"] = None if None in extents else sum(extents)
+    if image is None or None in extents:
         degrees = (None, None)
     elif rules is None:
         clear_lung = lung & ~opacity
@@ -260,7 +296,7 @@ def compute_severity(
     result.update(
         right_opacity_degree=degrees[0],
         left_opacity_degree=degrees[1],
-        opacity_score=None if image is None else sum(degrees),
+        opacity_score=None if None in degrees else sum(degrees),
     )
 
     if spacing_mm is None:

@@ -39,9 +39,10 @@ def published_rules() -> dict:
 
 
 RULES_IN_WORDS = (
-    "per lung (scripts/severity.py): extent = the number of extent_thresholds_pct its opacity % reaches (0 % is 0); "
-    "opacity degree = 0 at extent 0, else 1 + (opacity_density >= consolidation_min_density) "
-    "+ (dense_opacity_pct >= white_out_min_dense_pct); the image scores are the sums over both lungs"
+    "per lung (scripts/severity.py): extent = the number of extent_thresholds_pct that opacity % + "
+    "extent_dense_weight x dense_opacity_pct reaches (0 % opacity is 0); opacity degree = 0 at extent 0, else "
+    "1 + (opacity_density >= consolidation_min_density) + (dense_opacity_pct >= white_out_min_dense_pct); the image "
+    "scores are the sums over both lungs"
 )
 
 
