@@ -17,7 +17,7 @@ import torch
 
 import phantoms
 import prepare_data
-from conftest import BUNDLE, config_files, run_bundle
+from conftest import BUNDLE, config_files, config_paths, run_bundle
 from scripts.checkpoints import RECORD_KEY, latest_checkpoint
 from scripts.labelme import read_labelme
 from scripts.radiograph_io import RadiographError
@@ -284,3 +284,20 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_keeps_the_best_model(pre
     assert (tmp_path / "model.pt").read_bytes() == best_model
     final = torch.load(tmp_path / "checkpoint_epoch=3.pt", weights_only=True)[RECORD_KEY]
     assert (final["best_metric"], final["best_metric_epoch"]) == (1.0, 1)
+
+
+def test_trainer_feeds_the_network_plain_tensors():
+    """The configured trainer hands the network and the loss plain tensors, with the batch's values."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    parser = ConfigParser()
+    parser.read_config(config_paths("training"))
+    prepare_batch = parser.get_parsed_content("train#trainer#prepare_batch")
+    batch = {
+        "image": MetaTensor(torch.rand(2, 1, 8, 8), meta={"filename_or_obj": "a.png"}),
+        "label": MetaTensor(torch.randint(0, 4, (2, 1, 8, 8)).float()),
+    }
+    image, label = prepare_batch(batch, torch.device("cpu"))
+    assert type(image) is torch.Tensor and type(label) is torch.Tensor  # not MetaTensor
+    assert torch.equal(image, batch["image"].as_tensor()) and torch.equal(label, batch["label"].as_tensor())

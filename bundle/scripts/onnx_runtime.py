@@ -8,6 +8,8 @@ runs that session. Nothing is written to disk. :func:`export_onnx` writes the sa
 from __future__ import annotations
 
 import io
+import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 
 from scripts.traceable_network import traceable_copy
+
+logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime")
 OPSET = 17
@@ -63,6 +67,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         if shape not in self._sessions:
             import onnxruntime
 
+            start = time.perf_counter()
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3  # errors only
@@ -70,6 +75,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
             self._sessions[shape] = onnxruntime.InferenceSession(
                 onnx_bytes(self.network, shape), options, providers=["CPUExecutionProvider"]
             )
+            logger.info(f"ONNX Runtime session for input {shape} ready in {time.perf_counter() - start:.2f} s")
         return self._sessions[shape]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
