@@ -4,12 +4,11 @@
 1. Floor: the bare network's forward time per image at the inference size (warm, batch 1), on PyTorch (inference
    mode) and on ONNX Runtime, and the images/s of a bare PyTorch training loop (same network, loss, optimiser, batch
    and size, data already in memory), run right before the bundle's training, as many steps as one of its epochs,
-   3 times (the median is the floor; this shared machine's speed drifts within minutes).
+   once per timed epoch (the median is the floor; this shared machine's speed drifts within minutes).
 2. Bundle: end-to-end inference time per image through the documented inference command (files to masks and CSV;
-   also without the overlay PNGs), and the images/s of the bundle's SupervisedTrainer on the same data (epochs 2-4,
-   the median). Start-up
-   (process, imports, model load, and the one-time ONNX export and session, which the bundle makes at its first image)
-   is reported separately, as the baseline's.
+   also without the overlay PNGs), and the images/s of the bundle's SupervisedTrainer on the same data (the median
+   of its epochs after the first). Start-up (process, imports, model load, and the one-time ONNX export and session,
+   which the bundle makes at its first image) is reported separately, as the baseline's.
 3. Baseline: the same outputs (masks, overlays, table) from the hand-written loop a user would write instead of the
    bundle, without MONAI (scripts/baseline_inference.py: Pillow, numpy, ONNX Runtime, one image at a time), over the
    same images, with and without overlays; its start-up (ONNX export, session) is reported separately.
@@ -74,7 +73,7 @@ def floor_inference(size: int, device: torch.device, runtime: str = "torch", rep
     return float(np.median(times))
 
 
-def floor_training(size: int, batch: int, device: torch.device, iterations: int, repeats: int = 3) -> list[float]:
+def floor_training(size: int, batch: int, device: torch.device, iterations: int, repeats: int) -> list[float]:
     """Images per second of a bare training loop on tensors already in memory, for each of ``repeats`` runs of
     ``iterations`` steps (after 2 warm-up steps)."""
     model = network().to(device).train()
@@ -210,7 +209,6 @@ def baseline_inference_runs(folder: str, work: str, size: int, overlays_only: bo
 def bundle_training(images: list[str], work: str, size: int, batch: int, epochs: int) -> list[float]:
     """Images per second of the bundle's SupervisedTrainer in each epoch after the first (data cached, checkpoint
     written every epoch), no validation."""
-
     from PIL import Image
 
     labels = os.path.join(work, "labels")
@@ -300,11 +298,13 @@ def main(argv=None) -> int:
             os.path.dirname(many[0]), os.path.join(work, "outputs_many")
         )["peak_rss_mb"]
         # the bare loop right before the trainer, as many steps as one of its epochs: this shared machine drifts
-        steps = -(-min(args.train_images, len(images)) // args.batch)
+        train_images = images[: args.train_images]
+        steps = -(-len(train_images) // args.batch)
         floor_speeds = floor_training(args.size, args.batch, device, steps, repeats=args.train_epochs - 1)
         bundle_speeds = bundle_training(
-            images[: args.train_images], os.path.join(work, "train"), args.size, args.batch, args.train_epochs
+            train_images, os.path.join(work, "train"), args.size, args.batch, args.train_epochs
         )
+        figures["training_images_per_epoch"] = len(train_images)
         figures["floor_training_images_per_s_runs"] = floor_speeds
         figures["bundle_training_images_per_s_epochs"] = bundle_speeds
         figures["floor_training_images_per_s"] = float(np.median(floor_speeds))
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     print(
         f"training (medians above): bare loop {min(floor_speeds):.2f}-{max(floor_speeds):.2f} images/s over "
         f"{len(floor_speeds)} runs; bundle {min(bundle_speeds):.2f}-{max(bundle_speeds):.2f} over epochs 2-"
-        f"{args.train_epochs} of {min(args.train_images, args.count)} images"
+        f"{args.train_epochs} of {figures['training_images_per_epoch']} images"
     )
     print("baseline: the same outputs from a plain loop without MONAI (scripts/baseline_inference.py)")
     print(
