@@ -1,5 +1,6 @@
 """Shared test set-up: the bundle's ``scripts`` package and the repository's ``scripts/`` tools on sys.path."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,13 @@ def bundle_command(*arguments: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_bundle(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a bundle command from the repository root as a user would, capturing its output."""
+def run_bundle(*arguments: str, timeout: int = 600, environment: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a bundle command from the repository root as a user would, capturing its output; ``environment`` adds
+    variables to this process's environment."""
     return subprocess.run(
-        bundle_command(*arguments), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        bundle_command(*arguments), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(environment or {})},
+    )  # fmt: skip
 
 
 PREPARED_PHANTOMS = dict(count=24, formats=("png",), seed=7, labelme=6, rows=200, columns=240)
